@@ -1,0 +1,86 @@
+//! What tokend asks of Tiki's platform API: exchange an auth code for a token set and
+//! refresh a token set. The refresher and the gRPC service use [`TokenApi`]; each
+//! protocol generation implements it in its own file.
+
+pub mod graphql;
+pub mod signature;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+
+/// A token set as Tiki returns it from an exchange or a refresh.
+#[derive(Debug)]
+pub struct Grant {
+    pub access_token: SecretString,
+    /// Missing when the user did not grant the `offline` scope, or when a refresh
+    /// answer keeps the current refresh token.
+    pub refresh_token: Option<SecretString>,
+    /// Seconds the access token is valid, counted from when the request was sent.
+    pub expires_in: u64,
+    pub scopes: Vec<String>,
+}
+
+/// How a failed call to Tiki affects the user's token set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The code or refresh token is invalid, expired or revoked: the user must consent
+    /// again.
+    GrantRejected,
+    /// Tiki rejected tokend's own client id, signature or timestamp: an operator must
+    /// fix the settings, and no user is to blame.
+    CredentialsRejected,
+    /// The call may succeed later: connection error, 5xx, 429, an unreadable body, or an
+    /// error of unknown meaning.
+    Transient,
+    /// The request was sent but no answer arrived, so Tiki may have rotated the refresh
+    /// token.
+    OutcomeUnknown,
+}
+
+/// A failed call to Tiki. Messages never contain a token, code, signature or secret.
+#[derive(Debug, thiserror::Error)]
+pub enum TikiError {
+    #[error("Tiki rejected the grant: {0}")]
+    GrantRejected(String),
+    #[error("Tiki rejected the client credentials: {0}")]
+    CredentialsRejected(String),
+    #[error("Tiki request failed: {message}")]
+    Transient {
+        message: String,
+        /// The wait Tiki asked for in a `Retry-After` header.
+        retry_after: Option<Duration>,
+    },
+    #[error("no answer from Tiki after the request was sent: {0}")]
+    OutcomeUnknown(String),
+}
+
+impl TikiError {
+    pub fn class(&self) -> FailureClass {
+        match self {
+            TikiError::GrantRejected(_) => FailureClass::GrantRejected,
+            TikiError::CredentialsRejected(_) => FailureClass::CredentialsRejected,
+            TikiError::Transient { .. } => FailureClass::Transient,
+            TikiError::OutcomeUnknown(_) => FailureClass::OutcomeUnknown,
+        }
+    }
+
+    pub(crate) fn transient(message: impl Into<String>) -> Self {
+        TikiError::Transient {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Tiki's token endpoints, as one generation of the platform API offers them.
+#[async_trait]
+pub trait TokenApi: Send + Sync + 'static {
+    /// Exchanges a single-use auth code for a token set.
+    async fn exchange(&self, auth_code: &SecretString) -> Result<Grant, TikiError>;
+
+    /// Refreshes a token set. Tiki rotates the refresh token, so the one passed in stops
+    /// working once this succeeds.
+    async fn refresh(&self, refresh_token: &SecretString) -> Result<Grant, TikiError>;
+}
