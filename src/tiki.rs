@@ -46,6 +46,13 @@ pub enum TikiError {
     GrantRejected(String),
     #[error("Tiki rejected the client credentials: {0}")]
     CredentialsRejected(String),
+    #[error("Tiki could not be reached: {0}")]
+    Unreachable(String),
+    #[error("Tiki is rate limiting requests (HTTP 429)")]
+    RateLimited {
+        /// The wait Tiki asked for in a `Retry-After` header.
+        retry_after: Option<Duration>,
+    },
     #[error("Tiki request failed: {message}")]
     Transient {
         message: String,
@@ -61,8 +68,29 @@ impl TikiError {
         match self {
             TikiError::GrantRejected(_) => FailureClass::GrantRejected,
             TikiError::CredentialsRejected(_) => FailureClass::CredentialsRejected,
-            TikiError::Transient { .. } => FailureClass::Transient,
+            TikiError::Unreachable(_)
+            | TikiError::RateLimited { .. }
+            | TikiError::Transient { .. } => FailureClass::Transient,
             TikiError::OutcomeUnknown(_) => FailureClass::OutcomeUnknown,
+        }
+    }
+
+    /// Whether Tiki may have processed the request. It cannot have when no connection
+    /// was made or when it answered 429.
+    pub fn reached_tiki(&self) -> bool {
+        !matches!(
+            self,
+            TikiError::Unreachable(_) | TikiError::RateLimited { .. }
+        )
+    }
+
+    /// The wait Tiki asked for before the next request, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TikiError::RateLimited { retry_after } | TikiError::Transient { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
         }
     }
 

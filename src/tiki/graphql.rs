@@ -193,7 +193,7 @@ pub fn graphql_string(value: &str) -> String {
 fn classify_send_error(error: &reqwest::Error) -> TikiError {
     // A connection that was never made cannot have delivered the request.
     if error.is_connect() || error.is_builder() {
-        return TikiError::transient(format!("connecting to Tiki failed: {}", error_chain(error)));
+        return TikiError::Unreachable(format!("connecting failed: {}", error_chain(error)));
     }
     if error.is_timeout() {
         return TikiError::OutcomeUnknown("the request timed out".to_owned());
@@ -243,10 +243,7 @@ fn interpret_response(
     secrets: &[&str],
 ) -> Result<Grant, TikiError> {
     if status == StatusCode::TOO_MANY_REQUESTS {
-        return Err(TikiError::Transient {
-            message: "Tiki is rate limiting requests (HTTP 429)".to_owned(),
-            retry_after,
-        });
+        return Err(TikiError::RateLimited { retry_after });
     }
     if status.is_server_error() {
         return Err(TikiError::Transient {
@@ -525,7 +522,9 @@ mod tests {
             let found = match interpret(&body).unwrap_err() {
                 TikiError::GrantRejected(_) => FailureKind::Grant,
                 TikiError::CredentialsRejected(_) => FailureKind::Credentials,
-                TikiError::Transient { .. } => FailureKind::Transient,
+                TikiError::Unreachable(_)
+                | TikiError::RateLimited { .. }
+                | TikiError::Transient { .. } => FailureKind::Transient,
                 TikiError::OutcomeUnknown(_) => FailureKind::Unknown,
             };
             assert_eq!(found, expected, "{error}");
@@ -580,7 +579,7 @@ mod tests {
         };
         assert!(matches!(
             status_class(429),
-            TikiError::Transient { retry_after: Some(wait), .. } if wait == Duration::from_secs(7)
+            TikiError::RateLimited { retry_after: Some(wait) } if wait == Duration::from_secs(7)
         ));
         assert!(matches!(status_class(502), TikiError::Transient { .. }));
         assert!(matches!(status_class(503), TikiError::Transient { .. }));
