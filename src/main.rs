@@ -1,1 +1,75 @@
-fn main() {}
+//! The `tokend` binary: parses arguments, loads settings, starts logging and hands over
+//! to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokend::{
+    cli::{Cli, Command, run_client},
+    sandbox,
+    server::Daemon,
+    settings::Settings,
+};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for invalid settings (EX_CONFIG from sysexits.h).
+const EXIT_CONFIG: u8 = 78;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command else {
+        return run_client(cli.command).await;
+    };
+
+    init_logging();
+    if args.sandbox {
+        let grpc_addr = match std::env::var("TOKEND_GRPC_ADDR") {
+            Ok(addr) => match addr.parse() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    eprintln!(
+                        "error: invalid setting grpc_addr: TOKEND_GRPC_ADDR={addr:?} is not an IP address and port such as 127.0.0.1:50051"
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+            Err(_) => tokend::settings::DEFAULT_GRPC_ADDR
+                .parse()
+                .expect("the default address is valid"),
+        };
+        return report(sandbox::run(grpc_addr, args.emulator_addr).await);
+    }
+
+    let settings = match Settings::load(args.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let daemon = match Daemon::start(&settings).await {
+        Ok(daemon) => daemon,
+        Err(error) => return report(Err(error)),
+    };
+    report(daemon.run_until_signal().await)
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("TOKEND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! The daemon's settings: an optional TOML file, then `TOKEND_*` environment variables
+//! over it, validated into typed values before any port is bound. Each key is named
+//! the same in both places: `grpc_addr` in the file is `TOKEND_GRPC_ADDR` in the
+//! environment.
+
+use std::{fs, net::SocketAddr, path::Path, time::Duration};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Tiki's production generation-1 endpoint.
+pub const DEFAULT_TIKI_GRAPHQL_URL: &str = "https://api.tiki.vn/tiniapp/api/graphql/query";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://tokend.db";
+pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub tiki_graphql_url: String,
+    /// `sqlite://PATH` or `sqlite:PATH`.
+    pub database_url: String,
+    pub grpc_addr: SocketAddr,
+    /// How long before expiry a token set is refreshed.
+    pub refresh_before: Duration,
+    /// Bound on one request to Tiki, from connecting to the last byte of the answer.
+    pub http_timeout: Duration,
+    /// Maximum number of scheduled refreshes in flight at once.
+    pub refresh_concurrency: usize,
+    /// Maximum number of token sets whose access token is kept in memory.
+    pub cache_capacity: u64,
+    /// How long shutdown waits for refreshes in flight.
+    pub shutdown_grace: Duration,
+}
+
+/// A setting that is missing or invalid, with the key to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("reading the config file {path} failed: {source}")]
+    ReadFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is invalid: {message}")]
+    ParseFile { path: String, message: String },
+    #[error("missing setting {key}: {hint}")]
+    Missing { key: &'static str, hint: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The settings as read, before validation. Every field is optional so that the file
+/// and the environment can each supply any of them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_secret_file: Option<String>,
+    tiki_graphql_url: Option<String>,
+    database_url: Option<String>,
+    grpc_addr: Option<String>,
+    refresh_before: Option<u64>,
+    http_timeout: Option<u64>,
+    refresh_concurrency: Option<u64>,
+    cache_capacity: Option<u64>,
+    shutdown_grace: Option<u64>,
+}
+
+impl Settings {
+    /// Loads the settings from the optional file at `config`, then from the process
+    /// environment.
+    pub fn load(config: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_with(config, |name| std::env::var(name).ok())
+    }
+
+    /// Loads the settings with `env` standing in for the process environment.
+    pub fn load_with(
+        config: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, SettingsError> {
+        let mut raw = match config {
+            Some(path) => read_file(path)?,
+            None => RawSettings::default(),
+        };
+        raw.apply_env(&env)?;
+        raw.validate()
+    }
+}
+
+fn read_file(path: &Path) -> Result<RawSettings, SettingsError> {
+    let text = fs::read_to_string(path).map_err(|source| SettingsError::ReadFile {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|error| SettingsError::ParseFile {
+        path: path.display().to_string(),
+        message: error.message().to_owned(),
+    })
+}
+
+impl RawSettings {
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
+        let text = |name: &str| env(name).filter(|value| !value.is_empty());
+        let number = |key: &'static str, name: &str| -> Result<Option<u64>, SettingsError> {
+            text(name)
+                .map(|value| {
+                    value
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| SettingsError::Invalid {
+                            key,
+                            message: format!("{name}={value:?} is not a whole number"),
+                        })
+                })
+                .transpose()
+        };
+
+        if let Some(value) = text("TOKEND_CLIENT_ID") {
+            self.client_id = Some(value);
+        }
+        if let Some(value) = text("TOKEND_CLIENT_SECRET") {
+            self.client_secret = Some(value);
+            self.client_secret_file = None;
+        }
+        if let Some(value) = text("TOKEND_CLIENT_SECRET_FILE") {
+            self.client_secret_file = Some(value);
+            self.client_secret = None;
+        }
+        if let Some(value) = text("TOKEND_TIKI_GRAPHQL_URL") {
+            self.tiki_graphql_url = Some(value);
+        }
+        if let Some(value) = text("TOKEND_DATABASE_URL") {
+            self.database_url = Some(value);
+        }
+        if let Some(value) = text("TOKEND_GRPC_ADDR") {
+            self.grpc_addr = Some(value);
+        }
+        let numbers = [
+            (
+                "refresh_before",
+                "TOKEND_REFRESH_BEFORE",
+                &mut self.refresh_before,
+            ),
+            (
+                "http_timeout",
+                "TOKEND_HTTP_TIMEOUT",
+                &mut self.http_timeout,
+            ),
+            (
+                "refresh_concurrency",
+                "TOKEND_REFRESH_CONCURRENCY",
+                &mut self.refresh_concurrency,
+            ),
+            (
+                "cache_capacity",
+                "TOKEND_CACHE_CAPACITY",
+                &mut self.cache_capacity,
+            ),
+            (
+                "shutdown_grace",
+                "TOKEND_SHUTDOWN_GRACE",
+                &mut self.shutdown_grace,
+            ),
+        ];
+        for (key, name, field) in numbers {
+            if let Some(value) = number(key, name)? {
+                *field = Some(value);
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(self) -> Result<Settings, SettingsError> {
+        let client_id = self
+            .client_id
+            .filter(|id| !id.trim().is_empty())
+            .ok_or_else(|| SettingsError::Missing {
+                key: "client_id",
+                hint: "set TOKEND_CLIENT_ID, or client_id in the config file, to the client key \
+                       shown in Tini Console (or run `tokend serve --sandbox` to try tokend \
+                       without one)"
+                    .to_owned(),
+            })?;
+        let client_secret = client_secret(self.client_secret, self.client_secret_file)?;
+        let tiki_graphql_url = http_url(
+            "tiki_graphql_url",
+            self.tiki_graphql_url
+                .unwrap_or_else(|| DEFAULT_TIKI_GRAPHQL_URL.to_owned()),
+        )?;
+        let database_url = database_url(
+            self.database_url
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+        )?;
+        let grpc_addr = self
+            .grpc_addr
+            .unwrap_or_else(|| DEFAULT_GRPC_ADDR.to_owned());
+        let grpc_addr = grpc_addr.parse().map_err(|_| SettingsError::Invalid {
+            key: "grpc_addr",
+            message: format!(
+                "{grpc_addr:?} is not an IP address and port such as {DEFAULT_GRPC_ADDR}"
+            ),
+        })?;
+
+        Ok(Settings {
+            client_id,
+            client_secret,
+            tiki_graphql_url,
+            database_url,
+            grpc_addr,
+            refresh_before: seconds("refresh_before", self.refresh_before, 300, 1, 86_400)?,
+            http_timeout: seconds("http_timeout", self.http_timeout, 10, 1, 300)?,
+            refresh_concurrency: bounded(
+                "refresh_concurrency",
+                self.refresh_concurrency,
+                16,
+                1,
+                1024,
+            )? as usize,
+            cache_capacity: bounded("cache_capacity", self.cache_capacity, 100_000, 1, u64::MAX)?,
+            shutdown_grace: seconds("shutdown_grace", self.shutdown_grace, 30, 0, 3600)?,
+        })
+    }
+}
+
+fn client_secret(
+    inline: Option<String>,
+    file: Option<String>,
+) -> Result<SecretString, SettingsError> {
+    let secret = match (inline, file) {
+        (Some(secret), _) => secret,
+        (None, Some(path)) => fs::read_to_string(&path)
+            .map_err(|error| SettingsError::Invalid {
+                key: "client_secret_file",
+                message: format!("reading {path} failed: {error}"),
+            })?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        (None, None) => {
+            return Err(SettingsError::Missing {
+                key: "client_secret",
+                hint: "set TOKEND_CLIENT_SECRET_FILE to a file holding the client secret from \
+                       Tini Console, or TOKEND_CLIENT_SECRET to the secret itself"
+                    .to_owned(),
+            });
+        }
+    };
+    if secret.trim().is_empty() {
+        return Err(SettingsError::Invalid {
+            key: "client_secret",
+            message: "the client secret is empty".to_owned(),
+        });
+    }
+    Ok(SecretString::from(secret))
+}
+
+fn http_url(key: &'static str, url: String) -> Result<String, SettingsError> {
+    match reqwest::Url::parse(&url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.has_host() => Ok(url),
+        _ => Err(SettingsError::Invalid {
+            key,
+            message: format!("{url:?} is not an http or https URL"),
+        }),
+    }
+}
+
+fn database_url(url: String) -> Result<String, SettingsError> {
+    if url.starts_with("sqlite:") {
+        return Ok(url);
+    }
+    Err(SettingsError::Invalid {
+        key: "database_url",
+        message: format!(
+            "{url:?} is not supported; use a SQLite URL such as {DEFAULT_DATABASE_URL}"
+        ),
+    })
+}
+
+fn bounded(
+    key: &'static str,
+    value: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, SettingsError> {
+    let value = value.unwrap_or(default);
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(SettingsError::Invalid {
+            key,
+            message: format!("{value} is outside the allowed range {min} to {max}"),
+        })
+    }
+}
+
+fn seconds(
+    key: &'static str,
+    value: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<Duration, SettingsError> {
+    bounded(key, value, default, min, max).map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::{collections::HashMap, io::Write};
+
+    fn load(config: Option<&Path>, vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        Settings::load_with(config, |name| vars.get(name).cloned())
+    }
+
+    const CREDENTIALS: [(&str, &str); 2] = [
+        ("TOKEND_CLIENT_ID", "client"),
+        ("TOKEND_CLIENT_SECRET", "secret"),
+    ];
+
+    #[test]
+    fn defaults_apply() {
+        let settings = load(None, &CREDENTIALS).unwrap();
+        assert_eq!(settings.tiki_graphql_url, DEFAULT_TIKI_GRAPHQL_URL);
+        assert_eq!(settings.database_url, DEFAULT_DATABASE_URL);
+        assert_eq!(settings.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert_eq!(settings.refresh_before, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "client_id = \"from-file\"\nclient_secret = \"s\"\nrefresh_before = 120\n\
+             grpc_addr = \"127.0.0.1:6000\""
+        )
+        .unwrap();
+        let settings = load(
+            Some(file.path()),
+            &[
+                ("TOKEND_CLIENT_ID", "from-env"),
+                ("TOKEND_REFRESH_BEFORE", "90"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(settings.client_id, "from-env");
+        assert_eq!(settings.refresh_before, Duration::from_secs(90));
+        assert_eq!(settings.grpc_addr.port(), 6000);
+    }
+
+    #[test]
+    fn secret_file_is_read() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "s3cret").unwrap();
+        let path = file.path().to_str().unwrap();
+        let settings = load(
+            None,
+            &[
+                ("TOKEND_CLIENT_ID", "c"),
+                ("TOKEND_CLIENT_SECRET_FILE", path),
+            ],
+        )
+        .unwrap();
+        assert_eq!(settings.client_secret.expose_secret(), "s3cret");
+    }
+
+    #[test]
+    fn missing_credentials_name_the_key() {
+        let error = load(None, &[]).unwrap_err().to_string();
+        assert!(error.contains("client_id"), "{error}");
+        assert!(error.contains("TOKEND_CLIENT_ID"), "{error}");
+        let error = load(None, &[("TOKEND_CLIENT_ID", "c")])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("TOKEND_CLIENT_SECRET"), "{error}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let cases = [
+            ("TOKEND_REFRESH_BEFORE", "soon", "refresh_before"),
+            ("TOKEND_REFRESH_BEFORE", "0", "refresh_before"),
+            ("TOKEND_GRPC_ADDR", "localhost", "grpc_addr"),
+            ("TOKEND_TIKI_GRAPHQL_URL", "ftp://x", "tiki_graphql_url"),
+            ("TOKEND_DATABASE_URL", "mysql://x", "database_url"),
+            (
+                "TOKEND_CLIENT_SECRET_FILE",
+                "/nonexistent/secret",
+                "client_secret_file",
+            ),
+        ];
+        for (name, value, key) in cases {
+            let mut vars = CREDENTIALS.to_vec();
+            vars.push((name, value));
+            let error = load(None, &vars).unwrap_err().to_string();
+            assert!(error.contains(key), "{name}={value}: {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_key_is_rejected() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "grpc_adress = \"127.0.0.1:1\"").unwrap();
+        let error = load(Some(file.path()), &CREDENTIALS)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("grpc_adress"), "{error}");
+    }
+
+    #[test]
+    fn secret_stays_out_of_debug() {
+        let settings = load(
+            None,
+            &[
+                ("TOKEND_CLIENT_ID", "c"),
+                ("TOKEND_CLIENT_SECRET", "hunter2"),
+            ],
+        )
+        .unwrap();
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,515 @@
+//! End-to-end behaviour of the daemon: a generated gRPC client on loopback, a fresh
+//! SQLite file per test, and the Tiki emulator over HTTP. Assertions never print a
+//! token.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Options, TestEnv, millis, now_millis, wait_until};
+use tokend::{emulator::Fault, proto};
+use tonic::Code;
+
+fn short_lived(expires_in: u64) -> Options {
+    Options {
+        expires_in,
+        ..Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_then_get_serves_valid_token() {
+    let mut env = TestEnv::start(Options::default()).await;
+
+    let info = env.exchange("alice").await;
+    assert_eq!(info.user_id, "alice");
+    assert_eq!(info.status(), proto::TokenStatus::Active);
+    assert_eq!(info.scopes, ["offline", "user_profile"]);
+    assert_eq!(info.failure_count, 0);
+    assert!(info.refreshed_at.is_none());
+    let lifetime = millis(&info.expires_at) - now_millis();
+    assert!(
+        (3_500_000..=3_600_000).contains(&lifetime),
+        "lifetime {lifetime} ms"
+    );
+
+    let token = env.access_token("alice").await.unwrap();
+    assert!(
+        env.emulator.access_token_valid(&token.access_token),
+        "served token is invalid"
+    );
+    assert_eq!(token.scopes, ["offline", "user_profile"]);
+    assert_eq!(millis(&token.expires_at), millis(&info.expires_at));
+    assert_eq!(env.emulator.stats().exchanges, 1);
+    assert_eq!(env.emulator.stats().refresh_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_happens_ahead_of_expiry() {
+    let mut env = TestEnv::start(short_lived(6)).await;
+    let info = env.exchange("alice").await;
+    let first = env.access_token("alice").await.unwrap().access_token;
+    let first_expiry = millis(&info.expires_at);
+
+    wait_until("a scheduled refresh", Duration::from_secs(10), || {
+        let refreshes = env.emulator.stats().refreshes;
+        async move { refreshes >= 1 }
+    })
+    .await;
+
+    let refreshed = env.token_set("alice").await;
+    let refreshed_at = millis(&refreshed.refreshed_at);
+    assert!(
+        refreshed_at < first_expiry,
+        "refreshed {} ms after expiry",
+        refreshed_at - first_expiry
+    );
+    assert_eq!(refreshed.status(), proto::TokenStatus::Active);
+
+    let second = env.access_token("alice").await.unwrap().access_token;
+    assert!(
+        second != first,
+        "the served token did not change after a refresh"
+    );
+    assert!(
+        env.emulator.access_token_valid(&second),
+        "the refreshed token is invalid"
+    );
+    assert!(
+        !env.emulator.access_token_valid(&first),
+        "Tiki should have revoked the old token"
+    );
+    let stats = env.emulator.stats();
+    assert_eq!(stats.reuse_detections, 0);
+    assert_eq!(stats.refreshes_after_expiry, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_gets_cause_one_refresh() {
+    // A short lead keeps the scheduler away while the token is already due on demand:
+    // with a 6 s lifetime, GetAccessToken wants 3 s of validity, and the scheduler
+    // refreshes only 1.0 to 1.2 s before expiry.
+    let mut env = TestEnv::start(Options {
+        expires_in: 6,
+        refresh_before: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let info = env.exchange("alice").await;
+    let wait_ms = millis(&info.expires_at) - now_millis() - 2_500;
+    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+    let before = env.emulator.stats().refresh_requests;
+
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let mut client = env.client.clone();
+        calls.spawn(async move {
+            client
+                .get_access_token(proto::GetAccessTokenRequest {
+                    user_id: "alice".to_owned(),
+                    min_valid_seconds: 0,
+                })
+                .await
+                .map(|response| response.into_inner().access_token)
+        });
+    }
+    let mut tokens = Vec::new();
+    while let Some(result) = calls.join_next().await {
+        tokens.push(result.unwrap().unwrap());
+    }
+
+    assert_eq!(env.emulator.stats().refresh_requests - before, 1);
+    assert!(
+        tokens.iter().all(|token| *token == tokens[0]),
+        "callers got different tokens"
+    );
+    assert!(
+        env.emulator.access_token_valid(&tokens[0]),
+        "the served token is invalid"
+    );
+    assert_eq!(env.emulator.stats().reuse_detections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_token_sets_refreshing() {
+    let mut env = TestEnv::start(short_lived(4)).await;
+    env.exchange("alice").await;
+    env.exchange("bob").await;
+    env.restart().await;
+
+    let before = env.token_set("alice").await;
+    assert_eq!(before.status(), proto::TokenStatus::Active);
+    wait_until(
+        "both token sets refreshed twice",
+        Duration::from_secs(12),
+        || {
+            let refreshes = env.emulator.stats().refreshes;
+            async move { refreshes >= 4 }
+        },
+    )
+    .await;
+
+    for user in ["alice", "bob"] {
+        let token = env.access_token(user).await.unwrap().access_token;
+        assert!(
+            env.emulator.access_token_valid(&token),
+            "{user}'s token is invalid"
+        );
+        assert!(env.token_set(user).await.refreshed_at.is_some());
+    }
+    assert_eq!(env.emulator.stats().reuse_detections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_then_recovery() {
+    let mut env = TestEnv::start(short_lived(10)).await;
+    env.exchange("alice").await;
+    let original = env.access_token("alice").await.unwrap().access_token;
+    env.emulator.inject(Fault::Status(503), None);
+
+    wait_until("refreshes failing", Duration::from_secs(10), || {
+        let mut client = env.client.clone();
+        async move {
+            let info = client
+                .get_token_set(proto::GetTokenSetRequest {
+                    user_id: "alice".to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            info.status() == proto::TokenStatus::RefreshFailing && info.failure_count >= 2
+        }
+    })
+    .await;
+    let failing = env.token_set("alice").await;
+    assert!(
+        failing.last_error.contains("503"),
+        "last_error: {}",
+        failing.last_error
+    );
+    let served = env.access_token("alice").await.unwrap().access_token;
+    assert!(
+        served == original,
+        "a failing refresh should keep serving the current token"
+    );
+    assert!(
+        env.emulator.access_token_valid(&served),
+        "the served token is invalid"
+    );
+
+    env.emulator.clear_faults();
+    wait_until(
+        "the token set is active again",
+        Duration::from_secs(10),
+        || {
+            let mut client = env.client.clone();
+            async move {
+                let info = client
+                    .get_token_set(proto::GetTokenSetRequest {
+                        user_id: "alice".to_owned(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                info.status() == proto::TokenStatus::Active
+            }
+        },
+    )
+    .await;
+    let recovered = env.access_token("alice").await.unwrap().access_token;
+    assert!(recovered != original, "no refresh happened after recovery");
+    assert!(
+        env.emulator.access_token_valid(&recovered),
+        "the refreshed token is invalid"
+    );
+    let info = env.token_set("alice").await;
+    assert_eq!(info.failure_count, 0);
+    assert!(info.last_error.is_empty());
+    assert_eq!(env.emulator.stats().reuse_detections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_grant_requires_reauth() {
+    let mut env = TestEnv::start(short_lived(4)).await;
+    env.exchange("alice").await;
+    env.emulator.revoke_customer("alice");
+
+    wait_until("reauth_required", Duration::from_secs(8), || {
+        let mut client = env.client.clone();
+        async move {
+            let info = client
+                .get_token_set(proto::GetTokenSetRequest {
+                    user_id: "alice".to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            info.status() == proto::TokenStatus::ReauthRequired
+        }
+    })
+    .await;
+    let info = env.token_set("alice").await;
+    assert!(
+        info.last_error.contains("consent again"),
+        "last_error: {}",
+        info.last_error
+    );
+    assert!(info.next_refresh_at.is_none());
+
+    let status = env.access_token("alice").await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("consent again"),
+        "{}",
+        status.message()
+    );
+
+    let attempts = env.emulator.stats().refresh_requests;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = env.access_token("alice").await;
+    assert_eq!(env.emulator.stats().refresh_requests, attempts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_without_refresh_token_keeps_stored_one() {
+    let mut env = TestEnv::start(short_lived(4)).await;
+    env.emulator.set_omit_refresh_token(true);
+    env.exchange("alice").await;
+
+    wait_until(
+        "two refreshes with the same refresh token",
+        Duration::from_secs(10),
+        || {
+            let refreshes = env.emulator.stats().refreshes;
+            async move { refreshes >= 2 }
+        },
+    )
+    .await;
+    let token = env.access_token("alice").await.unwrap().access_token;
+    assert!(
+        env.emulator.access_token_valid(&token),
+        "the served token is invalid"
+    );
+    let stats = env.emulator.stats();
+    assert_eq!(stats.reuse_detections, 0);
+    assert_eq!(stats.rejected_grants, 0);
+    assert_eq!(
+        env.token_set("alice").await.status(),
+        proto::TokenStatus::Active
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expires_in_as_string_is_accepted() {
+    let mut env = TestEnv::start(short_lived(4)).await;
+    env.emulator.set_expires_in_as_string(true);
+    let info = env.exchange("alice").await;
+    let lifetime = millis(&info.expires_at) - now_millis();
+    assert!(
+        (3_000..=4_000).contains(&lifetime),
+        "lifetime {lifetime} ms"
+    );
+
+    wait_until(
+        "a refresh answered with a string expiry",
+        Duration::from_secs(8),
+        || {
+            let refreshes = env.emulator.stats().refreshes;
+            async move { refreshes >= 1 }
+        },
+    )
+    .await;
+    let refreshed = env.token_set("alice").await;
+    assert_eq!(refreshed.status(), proto::TokenStatus::Active);
+    assert!(millis(&refreshed.expires_at) > millis(&info.expires_at));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_code_fails_precondition() {
+    let mut env = TestEnv::start(Options::default()).await;
+    let status = env
+        .client
+        .exchange_auth_code(proto::ExchangeAuthCodeRequest {
+            user_id: "alice".to_owned(),
+            auth_code: "not-a-code-tiki-issued".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("auth code"),
+        "{}",
+        status.message()
+    );
+
+    let code = env.emulator.issue_auth_code("alice", &["offline"]);
+    let request = proto::ExchangeAuthCodeRequest {
+        user_id: "alice".to_owned(),
+        auth_code: code,
+    };
+    env.client
+        .exchange_auth_code(request.clone())
+        .await
+        .unwrap();
+    let reused = env.client.exchange_auth_code(request).await.unwrap_err();
+    assert_eq!(reused.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_arguments_name_the_field() {
+    let mut env = TestEnv::start(Options::default()).await;
+    let long_id = "u".repeat(257);
+    for user_id in ["", "line\nbreak", long_id.as_str()] {
+        let status = env.access_token(user_id).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("user_id"), "{}", status.message());
+    }
+    for auth_code in [String::new(), "c".repeat(4096)] {
+        let status = env
+            .client
+            .exchange_auth_code(proto::ExchangeAuthCodeRequest {
+                user_id: "alice".to_owned(),
+                auth_code,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().contains("auth_code"),
+            "{}",
+            status.message()
+        );
+    }
+    assert_eq!(env.emulator.stats().exchange_requests, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_deleted_users_are_not_found() {
+    let mut env = TestEnv::start(Options::default()).await;
+    assert_eq!(
+        env.access_token("nobody").await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    env.exchange("alice").await;
+    env.client
+        .delete_token_set(proto::DeleteTokenSetRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        env.access_token("alice").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let status = env
+        .client
+        .get_token_set(proto::GetTokenSetRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = env
+        .client
+        .delete_token_set(proto::DeleteTokenSetRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_tiki_is_unavailable() {
+    let mut env = TestEnv::start(short_lived(4)).await;
+    env.exchange("alice").await;
+    let addr = env.emulator.addr();
+    let emulator = std::mem::replace(
+        &mut env.emulator,
+        tokend::emulator::Emulator::start(Default::default())
+            .await
+            .unwrap(),
+    );
+    emulator.shutdown().await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the emulator still listens"
+    );
+
+    let status = env
+        .client
+        .exchange_auth_code(proto::ExchangeAuthCodeRequest {
+            user_id: "bob".to_owned(),
+            auth_code: "any-code".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    // Once the old token expires and refreshes cannot reach Tiki, nothing valid is left.
+    wait_until("UNAVAILABLE for alice", Duration::from_secs(10), || {
+        let mut client = env.client.clone();
+        async move {
+            client
+                .get_access_token(proto::GetAccessTokenRequest {
+                    user_id: "alice".to_owned(),
+                    min_valid_seconds: 0,
+                })
+                .await
+                .is_err_and(|status| status.code() == Code::Unavailable)
+        }
+    })
+    .await;
+    let info = env.token_set("alice").await;
+    assert_eq!(info.status(), proto::TokenStatus::RefreshFailing);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scheduler_recovers_from_stall() {
+    let mut env = TestEnv::start(short_lived(4)).await;
+    env.exchange("alice").await;
+    let stats = env.daemon().scheduler_stats().clone();
+    wait_until("the scheduler runs", Duration::from_secs(5), || {
+        let passes = stats.passes();
+        async move { passes >= 1 }
+    })
+    .await;
+
+    let stall = Duration::from_secs(5);
+    stats.stall_next_pass(stall);
+    let before = stats.passes();
+    wait_until("the stalled pass starts", Duration::from_secs(3), || {
+        let passes = stats.passes();
+        async move { passes > before }
+    })
+    .await;
+    let refreshes_at_stall = env.emulator.stats().refreshes;
+    tokio::time::sleep(stall + Duration::from_millis(500)).await;
+
+    // The stalled pass, at most one catch-up pass for the ticks missed meanwhile, and at
+    // most one regular tick in the half second after the stall.
+    let passes_during = stats.passes() - before;
+    assert!(
+        passes_during <= 3,
+        "{passes_during} passes ran during and right after the stall"
+    );
+    assert!(stats.cron_ticks() > 0);
+
+    wait_until("refreshing resumes", Duration::from_secs(8), || {
+        let refreshes = env.emulator.stats().refreshes;
+        async move { refreshes > refreshes_at_stall }
+    })
+    .await;
+    let token = env.access_token("alice").await.unwrap().access_token;
+    assert!(
+        env.emulator.access_token_valid(&token),
+        "the served token is invalid"
+    );
+    let after_recovery = stats.passes();
+    wait_until("regular passes continue", Duration::from_secs(5), || {
+        let passes = stats.passes();
+        async move { passes >= after_recovery + 2 }
+    })
+    .await;
+}

@@ -1,0 +1,176 @@
+//! A test harness: the daemon on port 0 with a fresh SQLite file, the Tiki emulator over
+//! HTTP, and a generated gRPC client.
+
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use secrecy::SecretString;
+use tempfile::TempDir;
+use tokend::{
+    emulator::{Emulator, EmulatorConfig},
+    proto::{self, token_service_client::TokenServiceClient},
+    server::Daemon,
+    settings::Settings,
+};
+use tonic::transport::Channel;
+
+pub type Client = TokenServiceClient<Channel>;
+
+/// How a test environment is built.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Lifetime of the tokens the emulator issues, in seconds.
+    pub expires_in: u64,
+    pub refresh_before: Duration,
+    pub http_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            expires_in: 3600,
+            refresh_before: Duration::from_secs(300),
+            http_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The daemon, the emulator it talks to, and a client.
+pub struct TestEnv {
+    pub emulator: Emulator,
+    pub daemon: Option<Daemon>,
+    pub client: Client,
+    pub database: PathBuf,
+    options: Options,
+    _dir: TempDir,
+}
+
+impl TestEnv {
+    pub async fn start(options: Options) -> TestEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("tokend.db");
+        let emulator = Emulator::start(EmulatorConfig {
+            expires_in: options.expires_in,
+            ..EmulatorConfig::default()
+        })
+        .await
+        .unwrap();
+        let daemon = Daemon::start(&settings(&emulator, &database, &options))
+            .await
+            .unwrap();
+        let client = connect(&daemon).await;
+        TestEnv {
+            emulator,
+            daemon: Some(daemon),
+            client,
+            database,
+            options,
+            _dir: dir,
+        }
+    }
+
+    /// Stops the daemon and starts a new one on the same database.
+    pub async fn restart(&mut self) {
+        self.daemon.take().unwrap().shutdown().await.unwrap();
+        let daemon = Daemon::start(&settings(&self.emulator, &self.database, &self.options))
+            .await
+            .unwrap();
+        self.client = connect(&daemon).await;
+        self.daemon = Some(daemon);
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    /// Gets an auth code for `user_id` from the emulator and exchanges it.
+    pub async fn exchange(&mut self, user_id: &str) -> proto::TokenSetInfo {
+        let auth_code = self
+            .emulator
+            .issue_auth_code(user_id, &["offline", "user_profile"]);
+        self.client
+            .exchange_auth_code(proto::ExchangeAuthCodeRequest {
+                user_id: user_id.to_owned(),
+                auth_code,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    pub async fn access_token(
+        &mut self,
+        user_id: &str,
+    ) -> Result<proto::AccessToken, tonic::Status> {
+        self.client
+            .get_access_token(proto::GetAccessTokenRequest {
+                user_id: user_id.to_owned(),
+                min_valid_seconds: 0,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn token_set(&mut self, user_id: &str) -> proto::TokenSetInfo {
+        self.client
+            .get_token_set(proto::GetTokenSetRequest {
+                user_id: user_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+fn settings(emulator: &Emulator, database: &std::path::Path, options: &Options) -> Settings {
+    Settings {
+        client_id: "sandbox-client".to_owned(),
+        client_secret: SecretString::from("sandbox-secret"),
+        tiki_graphql_url: emulator.graphql_url(),
+        database_url: format!("sqlite://{}", database.display()),
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        refresh_before: options.refresh_before,
+        http_timeout: options.http_timeout,
+        refresh_concurrency: 16,
+        cache_capacity: 1000,
+        shutdown_grace: Duration::from_secs(10),
+    }
+}
+
+async fn connect(daemon: &Daemon) -> Client {
+    TokenServiceClient::connect(format!("http://{}", daemon.grpc_addr()))
+        .await
+        .unwrap()
+}
+
+/// Polls `check` every 100 ms until it returns true, and panics naming `what` after
+/// `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Converts a protobuf timestamp to Unix milliseconds.
+pub fn millis(timestamp: &Option<prost_types::Timestamp>) -> i64 {
+    let timestamp = timestamp.as_ref().expect("timestamp is set");
+    timestamp.seconds * 1000 + i64::from(timestamp.nanos / 1_000_000)
+}
+
+pub fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
