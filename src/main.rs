@@ -1,7 +1,7 @@
 //! The `tokend` binary: parses arguments, loads settings, starts logging and hands over
 //! to the library.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use tokend::{
@@ -60,6 +60,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -111,6 +111,11 @@ impl TokenManager {
         }
     }
 
+    /// Number of token sets whose access token is cached.
+    pub fn cached_token_sets(&self) -> u64 {
+        self.cache.len()
+    }
+
     /// Exchanges an auth code and stores the token set, replacing the user's old one.
     pub async fn exchange(
         &self,

@@ -74,6 +74,12 @@ impl TokenCache {
             });
     }
 
+    /// Number of cached token sets, after applying pending evictions.
+    pub fn len(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        self.entries.entry_count()
+    }
+
     pub fn remove(&self, key: &TokenSetKey) {
         self.entries.invalidate(key);
     }

@@ -1,0 +1,200 @@
+//! The token manager on a real SQLite file and the emulator over HTTP, with the store
+//! wrapped to count reads, so that the cache's effect on database traffic is visible.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use tokend::{
+    emulator::{Emulator, EmulatorConfig},
+    refresh::RefreshPolicy,
+    store::{
+        FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStore,
+        sqlite::SqliteStore,
+    },
+    tiki::graphql::GraphqlClient,
+    tokens::TokenManager,
+};
+
+/// A SQLite store that counts the rows it reads.
+struct CountingStore {
+    inner: SqliteStore,
+    reads: AtomicU64,
+}
+
+#[async_trait]
+impl TokenStore for CountingStore {
+    async fn get(&self, key: &TokenSetKey) -> Result<Option<TokenSet>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.get(key).await
+    }
+
+    async fn store_exchanged(
+        &self,
+        key: &TokenSetKey,
+        tokens: &NewTokens<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<TokenSet, StoreError> {
+        self.inner.store_exchanged(key, tokens, now).await
+    }
+
+    async fn store_refreshed(
+        &self,
+        key: &TokenSetKey,
+        version: i64,
+        tokens: &NewTokens<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError> {
+        self.inner.store_refreshed(key, version, tokens, now).await
+    }
+
+    async fn store_failure(
+        &self,
+        key: &TokenSetKey,
+        version: i64,
+        failure: &FailureRecord,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError> {
+        self.inner.store_failure(key, version, failure, now).await
+    }
+
+    async fn delete(&self, key: &TokenSetKey) -> Result<bool, StoreError> {
+        self.inner.delete(key).await
+    }
+
+    async fn due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<TokenSetKey>, StoreError> {
+        self.inner.due(now, limit).await
+    }
+}
+
+struct Setup {
+    emulator: Emulator,
+    store: Arc<CountingStore>,
+    manager: TokenManager,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(cache_capacity: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("tokend.db").display());
+    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let store = Arc::new(CountingStore {
+        inner: SqliteStore::connect(&url).await.unwrap(),
+        reads: AtomicU64::new(0),
+    });
+    let tiki = GraphqlClient::new(
+        emulator.graphql_url(),
+        "sandbox-client".to_owned(),
+        SecretString::from("sandbox-secret"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let manager = TokenManager::new(
+        store.clone(),
+        Arc::new(tiki),
+        RefreshPolicy::default(),
+        cache_capacity,
+    );
+    Setup {
+        emulator,
+        store,
+        manager,
+        _dir: dir,
+    }
+}
+
+async fn exchange(setup: &Setup, user_id: &str) {
+    let code = setup.emulator.issue_auth_code(user_id, &["offline"]);
+    setup
+        .manager
+        .exchange(&TokenSetKey::new(user_id), &SecretString::from(code))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn fresh_token_served_from_memory() {
+    let setup = setup(100).await;
+    exchange(&setup, "alice").await;
+    let key = TokenSetKey::new("alice");
+
+    let reads_before = setup.store.reads.load(Ordering::SeqCst);
+    for _ in 0..100 {
+        let token = setup.manager.access_token(&key, 0).await.unwrap();
+        assert!(
+            setup
+                .emulator
+                .access_token_valid(token.access_token.expose_secret())
+        );
+    }
+    assert_eq!(setup.store.reads.load(Ordering::SeqCst), reads_before);
+}
+
+#[tokio::test]
+async fn demanding_caller_reads_the_store() {
+    let setup = setup(100).await;
+    exchange(&setup, "alice").await;
+    let key = TokenSetKey::new("alice");
+
+    // 3590 s is capped to 3540 s, which a token issued a moment ago satisfies, so the
+    // call reads the store once but refreshes nothing.
+    let reads_before = setup.store.reads.load(Ordering::SeqCst);
+    setup.manager.access_token(&key, 3590).await.unwrap();
+    assert!(setup.store.reads.load(Ordering::SeqCst) <= reads_before + 1);
+    assert_eq!(setup.emulator.stats().refresh_requests, 0);
+}
+
+#[tokio::test]
+async fn cache_is_bounded() {
+    let setup = setup(2).await;
+    for user in ["a", "b", "c", "d", "e", "f"] {
+        exchange(&setup, user).await;
+    }
+    for user in ["a", "b", "c", "d", "e", "f"] {
+        let token = setup
+            .manager
+            .access_token(&TokenSetKey::new(user), 0)
+            .await
+            .unwrap();
+        assert!(
+            setup
+                .emulator
+                .access_token_valid(token.access_token.expose_secret())
+        );
+    }
+    assert!(setup.manager.cached_token_sets() <= 2);
+}
+
+#[tokio::test]
+async fn deleted_token_set_is_not_served() {
+    let setup = setup(100).await;
+    exchange(&setup, "alice").await;
+    let key = TokenSetKey::new("alice");
+    setup.manager.access_token(&key, 0).await.unwrap();
+    setup.manager.delete(&key).await.unwrap();
+    assert!(setup.manager.access_token(&key, 0).await.is_err());
+}
+
+#[tokio::test]
+async fn reexchange_replaces_cached_token() {
+    let setup = setup(100).await;
+    exchange(&setup, "alice").await;
+    let key = TokenSetKey::new("alice");
+    let first = setup.manager.access_token(&key, 0).await.unwrap();
+    exchange(&setup, "alice").await;
+    let second = setup.manager.access_token(&key, 0).await.unwrap();
+    assert!(second.version > first.version);
+    assert!(first.access_token.expose_secret() != second.access_token.expose_secret());
+    assert!(
+        setup
+            .emulator
+            .access_token_valid(second.access_token.expose_secret())
+    );
+}
