@@ -92,7 +92,7 @@ impl SchedulerStats {
     }
 }
 
-/// Why the scheduler could not start.
+/// A failure to start the scheduler.
 #[derive(Debug, thiserror::Error)]
 #[error("starting the refresh scheduler failed: {0}")]
 pub struct SchedulerError(#[from] JobSchedulerError);

@@ -33,7 +33,7 @@ pub struct Daemon {
 
 impl Daemon {
     /// Opens and migrates the database, binds the gRPC address and starts serving and
-    /// refreshing. Port 0 binds a free port; [`Daemon::grpc_addr`] tells which.
+    /// refreshing. Port 0 binds a free port, which [`Daemon::grpc_addr`] returns.
     pub async fn start(settings: &Settings) -> anyhow::Result<Daemon> {
         let store = SqliteStore::connect(&settings.database_url).await?;
         info!(database_url = %settings.database_url, "database ready");
@@ -107,7 +107,7 @@ impl Daemon {
         })
     }
 
-    /// The address the gRPC server listens on.
+    /// Returns the address the gRPC server listens on.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
     }

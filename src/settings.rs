@@ -24,7 +24,7 @@ pub struct Settings {
     pub grpc_addr: SocketAddr,
     /// How long before expiry a token set is refreshed.
     pub refresh_before: Duration,
-    /// Bound on one request to Tiki, from connecting to the last byte of the answer.
+    /// Bound on one request to Tiki, from connecting to the last byte of the response.
     pub http_timeout: Duration,
     /// Maximum number of scheduled refreshes in flight at once.
     pub refresh_concurrency: usize,

@@ -22,7 +22,7 @@ pub struct Grant {
     pub scopes: Vec<String>,
 }
 
-/// How a failed call to Tiki affects the user's token set.
+/// The effect a failed call to Tiki has on the user's token set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
     /// The code or refresh token is invalid, expired or revoked: the user must consent
@@ -50,13 +50,13 @@ pub enum TikiError {
     Unreachable(String),
     #[error("Tiki is rate limiting requests (HTTP 429)")]
     RateLimited {
-        /// The wait Tiki asked for in a `Retry-After` header.
+        /// The wait Tiki requested in a `Retry-After` header.
         retry_after: Option<Duration>,
     },
     #[error("Tiki request failed: {message}")]
     Transient {
         message: String,
-        /// The wait Tiki asked for in a `Retry-After` header.
+        /// The wait Tiki requested in a `Retry-After` header.
         retry_after: Option<Duration>,
     },
     #[error("no answer from Tiki after the request was sent: {0}")]
@@ -84,7 +84,7 @@ impl TikiError {
         )
     }
 
-    /// The wait Tiki asked for before the next request, if any.
+    /// Returns the wait Tiki requested before the next request, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             TikiError::RateLimited { retry_after } | TikiError::Transient { retry_after, .. } => {

@@ -36,7 +36,7 @@ const COMMIT_ATTEMPTS: u32 = 5;
 /// Wait before the first repeated commit; it doubles with each further attempt.
 const COMMIT_RETRY_DELAY: Duration = Duration::from_millis(200);
 
-/// Why a token operation failed, in terms a caller can act on.
+/// A failed token operation, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("no token set is stored for user {0}")]
@@ -55,7 +55,7 @@ pub enum TokenError {
     Store(#[from] StoreError),
 }
 
-/// What a scheduled refresh did.
+/// The result of a scheduled refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshOutcome {
     Refreshed,
@@ -95,7 +95,7 @@ impl std::fmt::Debug for dyn TokenApi {
 }
 
 impl TokenManager {
-    /// Builds a manager whose cache holds at most `cache_capacity` token sets.
+    /// Builds a manager whose cache keeps at most `cache_capacity` token sets.
     pub fn new(
         store: Arc<dyn TokenStore>,
         tiki: Arc<dyn TokenApi>,
@@ -167,8 +167,8 @@ impl TokenManager {
         min_valid_seconds: u32,
     ) -> Result<ServedToken, TokenError> {
         if let Some(cached) = self.cache.get(key) {
-            let wanted = refresh::min_valid(min_valid_seconds, cached.lifetime_seconds);
-            if cached.remaining(Utc::now()) >= chrono_duration(wanted) {
+            let required = refresh::min_valid(min_valid_seconds, cached.lifetime_seconds);
+            if cached.remaining(Utc::now()) >= chrono_duration(required) {
                 return Ok(cached);
             }
         }
@@ -189,11 +189,11 @@ impl TokenManager {
         min_valid_seconds: u32,
     ) -> Result<ServedToken, TokenError> {
         let now = Utc::now();
-        let wanted = chrono_duration(refresh::min_valid(min_valid_seconds, set.lifetime_seconds));
+        let required = chrono_duration(refresh::min_valid(min_valid_seconds, set.lifetime_seconds));
         if set.status == TokenStatus::ReauthRequired {
             return Err(TokenError::ReauthRequired(reauth_reason(&set)));
         }
-        if set.remaining(now) >= wanted {
+        if set.remaining(now) >= required {
             return Ok(ServedToken::from_set(&set));
         }
         if set.refresh_token.is_none() {

@@ -34,7 +34,7 @@ const CREDENTIALS_REJECTED_CODES: &[&str] = &[
     "invalid_timestamp",
 ];
 
-/// Longest part of an upstream error message kept in a `TikiError`.
+/// Maximum length, in characters, of the upstream error text kept in a `TikiError`.
 const MAX_MESSAGE_CHARS: usize = 200;
 
 /// The two operations of the generation-1 API.
@@ -201,7 +201,7 @@ fn classify_send_error(error: &reqwest::Error) -> TikiError {
     TikiError::OutcomeUnknown(format!("the request failed: {}", error_chain(error)))
 }
 
-/// Renders an error and its sources. reqwest errors name the URL, which holds no
+/// Renders an error and its sources. reqwest errors name the URL, which contains no
 /// secret because every secret travels in the request body.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -247,13 +247,13 @@ fn interpret_response(
     }
     if status.is_server_error() {
         return Err(TikiError::Transient {
-            message: format!("Tiki answered HTTP {}", status.as_u16()),
+            message: format!("Tiki returned HTTP {}", status.as_u16()),
             retry_after,
         });
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Err(TikiError::CredentialsRejected(format!(
-            "Tiki answered HTTP {}",
+            "Tiki returned HTTP {}",
             status.as_u16()
         )));
     }
@@ -262,7 +262,7 @@ fn interpret_response(
         Ok(parsed) => parsed,
         Err(error) => {
             return Err(TikiError::transient(format!(
-                "Tiki answered HTTP {} with a body that is not a GraphQL response: {error}",
+                "Tiki returned HTTP {} with a body that is not a GraphQL response: {error}",
                 status.as_u16()
             )));
         }
@@ -291,7 +291,7 @@ fn interpret_response(
     }
     if errors.is_empty() {
         return Err(TikiError::transient(format!(
-            "Tiki answered HTTP {} without a {} result or errors",
+            "Tiki returned HTTP {} without a {} result or errors",
             status.as_u16(),
             operation.field()
         )));
@@ -329,7 +329,7 @@ fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiErr
     } else if mentions(GRANT_REJECTED_CODES) {
         TikiError::GrantRejected(summary)
     } else {
-        TikiError::transient(format!("Tiki answered with unrecognised errors: {summary}"))
+        TikiError::transient(format!("Tiki returned unrecognised errors: {summary}"))
     }
 }
 

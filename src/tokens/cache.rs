@@ -47,7 +47,7 @@ pub struct TokenCache {
 }
 
 impl TokenCache {
-    /// Builds a cache that holds at most `capacity` token sets.
+    /// Builds a cache that keeps at most `capacity` token sets.
     pub fn new(capacity: u64) -> Self {
         TokenCache {
             entries: Cache::new(capacity),
