@@ -104,9 +104,6 @@ impl RefreshPolicy {
         };
 
         match error.class() {
-            FailureClass::GrantRejected => reauth(format!(
-                "{error}; the user must consent again through my.getAuthCode"
-            )),
             FailureClass::CredentialsRejected => FailureRecord {
                 status: set.status,
                 failure_count: set.failure_count,
@@ -117,6 +114,9 @@ impl RefreshPolicy {
             _ if set.outcome_unknown && error.reached_tiki() => reauth(format!(
                 "an earlier refresh got no answer, so Tiki may have rotated the refresh \
                  token, and the one retry failed too ({error}); the user must consent again"
+            )),
+            FailureClass::GrantRejected => reauth(format!(
+                "{error}; the user must consent again through my.getAuthCode"
             )),
             class => {
                 let wait = self
@@ -306,11 +306,13 @@ mod tests {
         let retried = token_set(first.status, first.failure_count, first.outcome_unknown);
         for error in [
             TikiError::OutcomeUnknown("timed out".to_owned()),
+            TikiError::GrantRejected("invalid_token".to_owned()),
             transient(),
         ] {
             let second = policy.after_failure(&retried, &error, at(101), 0.0);
             assert_eq!(second.status, TokenStatus::ReauthRequired, "{error}");
             assert_eq!(second.next_refresh_at, None);
+            assert!(second.last_error.unwrap().contains("no answer"), "{error}");
         }
     }
 

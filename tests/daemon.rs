@@ -513,3 +513,107 @@ async fn scheduler_recovers_from_stall() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_refresh_retried_once() {
+    // Tiki rotates the token and then answers too late: the daemon cannot know the new
+    // tokens, presents the old refresh token exactly once more, and Tiki's reuse
+    // detection revokes the family, so the user must consent again.
+    let mut env = TestEnv::start(Options {
+        expires_in: 6,
+        http_timeout: Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    env.exchange("alice").await;
+    env.emulator
+        .inject(Fault::DelayAfter(Duration::from_secs(3)), Some(1));
+
+    wait_until("reauth_required", Duration::from_secs(15), || {
+        let mut client = env.client.clone();
+        async move {
+            let info = client
+                .get_token_set(proto::GetTokenSetRequest {
+                    user_id: "alice".to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            info.status() == proto::TokenStatus::ReauthRequired
+        }
+    })
+    .await;
+    let info = env.token_set("alice").await;
+    assert!(
+        info.last_error.contains("no answer"),
+        "last_error: {}",
+        info.last_error
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats = env.emulator.stats();
+    assert_eq!(stats.refresh_requests, 2);
+    assert_eq!(stats.reuse_detections, 1);
+    assert_eq!(
+        env.access_token("alice").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_writers_share_the_database() {
+    let mut env = TestEnv::start(short_lived(4)).await;
+    let users: Vec<String> = (0..40).map(|index| format!("user-{index}")).collect();
+
+    let mut exchanges = tokio::task::JoinSet::new();
+    for user in &users {
+        let mut client = env.client.clone();
+        let auth_code = env.emulator.issue_auth_code(user, &["offline"]);
+        let user_id = user.clone();
+        exchanges.spawn(async move {
+            client
+                .exchange_auth_code(proto::ExchangeAuthCodeRequest { user_id, auth_code })
+                .await
+                .map(|_| ())
+        });
+    }
+    while let Some(result) = exchanges.join_next().await {
+        result.unwrap().unwrap();
+    }
+
+    // Another process holds the write lock for a while; writers must wait, not fail.
+    let url = format!("sqlite://{}", env.database.display());
+    let outsider = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let mut transaction = outsider.begin_with("BEGIN IMMEDIATE").await.unwrap();
+    sqlx::query("UPDATE token_sets SET updated_at = updated_at WHERE user_id = 'none'")
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    transaction.commit().await.unwrap();
+    outsider.close().await;
+
+    wait_until(
+        "every token set refreshed twice",
+        Duration::from_secs(20),
+        || {
+            let refreshes = env.emulator.stats().refreshes;
+            async move { refreshes >= 80 }
+        },
+    )
+    .await;
+    for user in &users {
+        let info = env.token_set(user).await;
+        assert_eq!(
+            info.status(),
+            proto::TokenStatus::Active,
+            "{user}: {}",
+            info.last_error
+        );
+        let token = env.access_token(user).await.unwrap().access_token;
+        assert!(
+            env.emulator.access_token_valid(&token),
+            "{user}'s token is invalid"
+        );
+    }
+    assert_eq!(env.emulator.stats().reuse_detections, 0);
+}

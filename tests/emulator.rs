@@ -331,11 +331,12 @@ async fn rate_limit_carries_retry_after() {
     emulator.inject(fault, Some(1));
     let error = api.exchange(&secret("code")).await.unwrap_err();
     match error {
-        TikiError::Transient { retry_after, .. } => {
+        TikiError::RateLimited { retry_after } => {
             assert_eq!(retry_after, Some(Duration::from_secs(42)));
         }
-        other => panic!("expected a transient error, got {other}"),
+        other => panic!("expected a rate-limit error, got {other}"),
     }
+    assert_eq!(emulator.stats().exchange_requests, 0);
 }
 
 #[tokio::test]
