@@ -192,6 +192,9 @@ mod tests {
             last_error: None,
             outcome_unknown,
             version: 1,
+            claimed_by: None,
+            claim_until: None,
+            claim_token: None,
             created_at: at(0),
             updated_at: at(0),
         }

@@ -48,6 +48,8 @@ pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Re
         refresh_concurrency: 16,
         cache_capacity: 100_000,
         shutdown_grace: Duration::from_secs(10),
+        refresh_lease: Duration::from_secs(60),
+        replica_id: "sandbox".to_owned(),
     };
     let emulator = Emulator::start_on(emulator_addr, config)
         .await

@@ -1,10 +1,11 @@
 //! The scheduler that drives scheduled refreshes.
 //!
 //! A tokio-cron-scheduler job fires every second and wakes the driver loop through a
-//! `Notify`. Each wake-up runs one pass: it lists the token sets whose
-//! `next_refresh_at` has passed and starts a refresh for each, up to the free share of
-//! a fixed concurrency limit. Refreshes run as tasks, so a slow one never delays the
-//! next pass.
+//! `Notify`. Each wake-up runs one pass: it claims the token sets whose
+//! `next_refresh_at` has passed, up to the free share of a fixed concurrency limit, and
+//! starts a refresh for each. A claimed token set is invisible to other passes and
+//! replicas until its refresh ends or its lease runs out. Refreshes run as tasks, so a
+//! slow one never delays the next pass.
 //!
 //! Failure handling:
 //! - The cron crate has been seen to drop a repeated job for good after falling behind
@@ -16,9 +17,8 @@
 //!   within a grace period, so that tokens Tiki already rotated get committed.
 
 use std::{
-    collections::HashSet,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
@@ -33,10 +33,7 @@ use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::{
-    store::TokenSetKey,
-    tokens::{RefreshOutcome, TokenManager},
-};
+use crate::tokens::{RefreshOutcome, TokenError, TokenManager};
 
 /// How often the cron job fires.
 const TICK_SCHEDULE: &str = "* * * * * *";
@@ -103,7 +100,6 @@ pub struct Scheduler {
     manager: Arc<TokenManager>,
     stats: Arc<SchedulerStats>,
     permits: Arc<Semaphore>,
-    in_flight: Arc<Mutex<HashSet<TokenSetKey>>>,
     tasks: JoinSet<()>,
 }
 
@@ -114,7 +110,6 @@ impl Scheduler {
             manager,
             stats,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
-            in_flight: Arc::default(),
             tasks: JoinSet::new(),
         }
     }
@@ -154,7 +149,7 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Starts refreshes for due token sets that are not already in flight.
+    /// Claims due token sets and starts a refresh for each.
     async fn pass(&mut self) {
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -170,40 +165,30 @@ impl Scheduler {
             debug!("every refresh slot is busy; skipping this pass");
             return;
         }
-        let busy = self.lock_in_flight().len();
-        let limit = u32::try_from(free + busy).unwrap_or(u32::MAX);
-        let due = match self.manager.due(limit).await {
-            Ok(due) => due,
+        let limit = u32::try_from(free).unwrap_or(u32::MAX);
+        let claimed = match self.manager.claim_due(limit).await {
+            Ok(claimed) => claimed,
             Err(error) => {
-                warn!(%error, "listing due token sets failed; retrying on the next tick");
+                warn!(%error, "claiming due token sets failed; retrying on the next tick");
                 return;
             }
         };
 
-        let mut started = 0;
-        for key in due {
-            if self.lock_in_flight().contains(&key) {
-                continue;
-            }
+        let started = claimed.len() as u64;
+        for set in claimed {
+            // Never fails: each pass claims at most as many token sets as permits are free.
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 break;
             };
-            self.lock_in_flight().insert(key.clone());
             let manager = self.manager.clone();
-            let in_flight = self.in_flight.clone();
-            let span = info_span!("refresh", app = %key.app, user_id = %key.user_id);
+            let span = info_span!("refresh", app = %set.key.app, user_id = %set.key.user_id);
             self.tasks.spawn(
                 async move {
-                    log_outcome(manager.refresh_scheduled(&key).await);
-                    in_flight
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .remove(&key);
+                    log_outcome(manager.refresh_claimed(set).await);
                     drop(permit);
                 }
                 .instrument(span),
             );
-            started += 1;
         }
         self.stats
             .refreshes_started
@@ -239,12 +224,6 @@ impl Scheduler {
         }
         info!("refresh scheduler stopped");
     }
-
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<TokenSetKey>> {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 async fn start_cron(
@@ -261,11 +240,10 @@ async fn start_cron(
     Ok(cron)
 }
 
-fn log_outcome(outcome: Result<RefreshOutcome, crate::tokens::TokenError>) {
+fn log_outcome(outcome: Result<RefreshOutcome, TokenError>) {
     match outcome {
         Ok(RefreshOutcome::Refreshed) => debug!("scheduled refresh succeeded"),
         Ok(RefreshOutcome::Failed(class)) => debug!(?class, "scheduled refresh failed"),
-        Ok(RefreshOutcome::InFlight) => debug!("token set is already being refreshed"),
         Ok(RefreshOutcome::NotDue) => debug!("token set is no longer due"),
         Err(error) => warn!(%error, "scheduled refresh failed"),
     }

@@ -17,9 +17,9 @@ use crate::{
     refresh::RefreshPolicy,
     scheduler::{Scheduler, SchedulerStats},
     settings::Settings,
-    store::sqlite::SqliteStore,
+    store,
     tiki::graphql::GraphqlClient,
-    tokens::TokenManager,
+    tokens::{ManagerSettings, TokenManager},
 };
 
 /// A running daemon.
@@ -35,8 +35,8 @@ impl Daemon {
     /// Opens and migrates the database, binds the gRPC address and starts serving and
     /// refreshing. Port 0 binds a free port, which [`Daemon::grpc_addr`] returns.
     pub async fn start(settings: &Settings) -> anyhow::Result<Daemon> {
-        let store = SqliteStore::connect(&settings.database_url).await?;
-        info!(database_url = %settings.database_url, "database ready");
+        let store = store::connect(&settings.database_url).await?;
+        info!(database_url = %store::redact_url(&settings.database_url), "database ready");
 
         let tiki = GraphqlClient::new(
             settings.tiki_graphql_url.clone(),
@@ -50,10 +50,14 @@ impl Daemon {
             ..RefreshPolicy::default()
         };
         let manager = Arc::new(TokenManager::new(
-            Arc::new(store.clone()),
+            store.clone(),
             Arc::new(tiki),
             policy,
-            settings.cache_capacity,
+            ManagerSettings {
+                cache_capacity: settings.cache_capacity,
+                replica_id: settings.replica_id.clone(),
+                lease: settings.refresh_lease,
+            },
         ));
 
         let listener = TcpListener::bind(settings.grpc_addr)
@@ -74,6 +78,11 @@ impl Daemon {
             scheduler_stats.clone(),
         );
         let scheduler_task = tokio::spawn(scheduler.run(shutdown.clone(), settings.shutdown_grace));
+        let events_task = {
+            let manager = manager.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { manager.follow_store_events(shutdown).await })
+        };
 
         let server = Server::builder()
             .add_service(TokenServiceServer::new(TokenGrpcService::new(manager)))
@@ -91,13 +100,14 @@ impl Daemon {
                 stop_scheduler.cancel();
             }
             let scheduled = scheduler_task.await;
+            events_task.abort();
             store.close().await;
             served.context("gRPC server failed")?;
             scheduled.context("refresh scheduler panicked")??;
             info!("tokend stopped");
             Ok(())
         });
-        info!(%grpc_addr, "gRPC server listening");
+        info!(%grpc_addr, replica_id = %settings.replica_id, "gRPC server listening");
 
         Ok(Daemon {
             grpc_addr,

@@ -13,13 +13,16 @@ pub const DEFAULT_TIKI_GRAPHQL_URL: &str = "https://api.tiki.vn/tiniapp/api/grap
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tokend.db";
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
 
+/// Minimum excess of `refresh_lease` over `http_timeout`, for the commit.
+const MIN_LEASE_MARGIN: Duration = Duration::from_secs(10);
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub client_id: String,
     pub client_secret: SecretString,
     pub tiki_graphql_url: String,
-    /// `sqlite://PATH` or `sqlite:PATH`.
+    /// `sqlite://PATH`, `sqlite:PATH`, or a `postgres://` or `postgresql://` URL.
     pub database_url: String,
     pub grpc_addr: SocketAddr,
     /// How long before expiry a token set is refreshed.
@@ -32,6 +35,11 @@ pub struct Settings {
     pub cache_capacity: u64,
     /// How long shutdown waits for refreshes in flight.
     pub shutdown_grace: Duration,
+    /// How long a replica's claim on a token set lasts before another replica may take
+    /// the token set over.
+    pub refresh_lease: Duration,
+    /// Identifies this replica in claims and in the `updated_by` column.
+    pub replica_id: String,
 }
 
 /// A setting that is missing or invalid, with the key to fix.
@@ -67,6 +75,8 @@ struct RawSettings {
     refresh_concurrency: Option<u64>,
     cache_capacity: Option<u64>,
     shutdown_grace: Option<u64>,
+    refresh_lease: Option<u64>,
+    replica_id: Option<String>,
 }
 
 impl Settings {
@@ -138,6 +148,9 @@ impl RawSettings {
         if let Some(value) = text("TOKEND_GRPC_ADDR") {
             self.grpc_addr = Some(value);
         }
+        if let Some(value) = text("TOKEND_REPLICA_ID") {
+            self.replica_id = Some(value);
+        }
         let numbers = [
             (
                 "refresh_before",
@@ -163,6 +176,11 @@ impl RawSettings {
                 "shutdown_grace",
                 "TOKEND_SHUTDOWN_GRACE",
                 &mut self.shutdown_grace,
+            ),
+            (
+                "refresh_lease",
+                "TOKEND_REFRESH_LEASE",
+                &mut self.refresh_lease,
             ),
         ];
         for (key, name, field) in numbers {
@@ -204,6 +222,32 @@ impl RawSettings {
             ),
         })?;
 
+        let http_timeout = seconds("http_timeout", self.http_timeout, 10, 1, 300)?;
+        let refresh_lease = seconds("refresh_lease", self.refresh_lease, 60, 1, 3600)?;
+        if refresh_lease < http_timeout + MIN_LEASE_MARGIN {
+            return Err(SettingsError::Invalid {
+                key: "refresh_lease",
+                message: format!(
+                    "{} s must exceed http_timeout ({} s) by at least {} s, so that a claim \
+                     outlasts a request to Tiki and the commit after it",
+                    refresh_lease.as_secs(),
+                    http_timeout.as_secs(),
+                    MIN_LEASE_MARGIN.as_secs()
+                ),
+            });
+        }
+        let replica_id = match self.replica_id {
+            Some(id) if id.trim().is_empty() || id.len() > 200 => {
+                return Err(SettingsError::Invalid {
+                    key: "replica_id",
+                    message: "must be 1 to 200 bytes, or unset to use the host name and process id"
+                        .to_owned(),
+                });
+            }
+            Some(id) => id,
+            None => default_replica_id(),
+        };
+
         Ok(Settings {
             client_id,
             client_secret,
@@ -211,7 +255,7 @@ impl RawSettings {
             database_url,
             grpc_addr,
             refresh_before: seconds("refresh_before", self.refresh_before, 300, 1, 86_400)?,
-            http_timeout: seconds("http_timeout", self.http_timeout, 10, 1, 300)?,
+            http_timeout,
             refresh_concurrency: bounded(
                 "refresh_concurrency",
                 self.refresh_concurrency,
@@ -221,6 +265,8 @@ impl RawSettings {
             )? as usize,
             cache_capacity: bounded("cache_capacity", self.cache_capacity, 100_000, 1, u64::MAX)?,
             shutdown_grace: seconds("shutdown_grace", self.shutdown_grace, 30, 0, 3600)?,
+            refresh_lease,
+            replica_id,
         })
     }
 }
@@ -267,15 +313,29 @@ fn http_url(key: &'static str, url: String) -> Result<String, SettingsError> {
 }
 
 fn database_url(url: String) -> Result<String, SettingsError> {
-    if url.starts_with("sqlite:") {
+    let supported = ["sqlite:", "postgres://", "postgresql://"];
+    if supported.iter().any(|prefix| url.starts_with(prefix)) {
         return Ok(url);
     }
     Err(SettingsError::Invalid {
         key: "database_url",
         message: format!(
-            "{url:?} is not supported; use a SQLite URL such as {DEFAULT_DATABASE_URL}"
+            "{} is not supported; use a SQLite URL such as {DEFAULT_DATABASE_URL} or a \
+             PostgreSQL URL such as postgres://tokend@db.example/tokend",
+            crate::store::redact_url(&url)
         ),
     })
+}
+
+/// Returns `HOST-PID`, which is unique among replicas on distinct hosts or processes.
+fn default_replica_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|host| host.trim().to_owned())
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| "tokend".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 fn bounded(
@@ -391,6 +451,8 @@ mod tests {
             ("TOKEND_GRPC_ADDR", "localhost", "grpc_addr"),
             ("TOKEND_TIKI_GRAPHQL_URL", "ftp://x", "tiki_graphql_url"),
             ("TOKEND_DATABASE_URL", "mysql://x", "database_url"),
+            ("TOKEND_REFRESH_LEASE", "12", "refresh_lease"),
+            ("TOKEND_REPLICA_ID", "   ", "replica_id"),
             (
                 "TOKEND_CLIENT_SECRET_FILE",
                 "/nonexistent/secret",
@@ -403,6 +465,18 @@ mod tests {
             let error = load(None, &vars).unwrap_err().to_string();
             assert!(error.contains(key), "{name}={value}: {error}");
         }
+    }
+
+    #[test]
+    fn postgres_url_is_accepted_and_redacted() {
+        let mut vars = CREDENTIALS.to_vec();
+        vars.push(("TOKEND_DATABASE_URL", "postgresql://tokend:pw@db/tokend"));
+        let settings = load(None, &vars).unwrap();
+        assert!(settings.database_url.starts_with("postgresql://"));
+        let mut vars = CREDENTIALS.to_vec();
+        vars.push(("TOKEND_DATABASE_URL", "mysql://user:hunter2@db/x"));
+        let error = load(None, &vars).unwrap_err().to_string();
+        assert!(!error.contains("hunter2"), "{error}");
     }
 
     #[test]

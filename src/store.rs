@@ -1,6 +1,7 @@
 //! Token sets as tokend stores them, and the storage trait the rest of the daemon uses.
 //! SQL lives in the backend files below this module and nowhere else.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;
@@ -82,8 +83,13 @@ pub struct TokenSet {
     pub last_error: Option<String>,
     /// The stored refresh token was sent once and no answer arrived.
     pub outcome_unknown: bool,
-    /// Increases with every write.
+    /// Increases with every write that changes tokens or state, but not with claims.
     pub version: i64,
+    /// The replica refreshing this token set, while its claim lasts.
+    pub claimed_by: Option<String>,
+    pub claim_until: Option<DateTime<Utc>>,
+    /// Fences the writes of the current claim.
+    pub claim_token: Option<i64>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -93,6 +99,19 @@ impl TokenSet {
     pub fn remaining(&self, now: DateTime<Utc>) -> chrono::Duration {
         (self.expires_at - now).max(chrono::Duration::zero())
     }
+
+    /// Whether a replica holds an unexpired claim on this token set at `now`.
+    pub fn is_claimed(&self, now: DateTime<Utc>) -> bool {
+        self.claim_until.is_some_and(|until| until > now)
+    }
+}
+
+/// A claim to take: which replica, until when, and the token that fences its writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub owner: String,
+    pub token: i64,
+    pub until: DateTime<Utc>,
 }
 
 /// Tokens to store after a successful exchange or refresh.
@@ -117,6 +136,15 @@ pub struct FailureRecord {
     pub outcome_unknown: bool,
 }
 
+/// A change another replica made to a token set, as the store reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// The token set was claimed, written or deleted; its version is now `version`.
+    Changed { key: TokenSetKey, version: i64 },
+    /// Events may have been missed, for example while the connection was down.
+    Resync,
+}
+
 /// A failed storage operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -138,47 +166,107 @@ pub enum StoreError {
     },
 }
 
-/// Storage for token sets. Writes that take an expected version change nothing and
-/// return `None` when the row has moved on or is gone.
+/// Storage for token sets.
+///
+/// A refresh happens under a claim. Claiming is one atomic statement that succeeds only
+/// while no other unexpired claim exists, and the writes that end a refresh take the
+/// claim's token and change nothing unless that claim still holds, so a replica whose
+/// lease ran out can never overwrite newer tokens. Those writes return `None` then.
 #[async_trait]
 pub trait TokenStore: Send + Sync + 'static {
     async fn get(&self, key: &TokenSetKey) -> Result<Option<TokenSet>, StoreError>;
 
-    /// Stores the tokens of a new grant, replacing any token set the user had.
+    /// Stores the tokens of a new grant, replacing any token set the user had and
+    /// cancelling any claim on it.
     async fn store_exchanged(
         &self,
         key: &TokenSetKey,
         tokens: &NewTokens<'_>,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<TokenSet, StoreError>;
 
-    /// Stores refreshed tokens if the row is still at `version`.
-    async fn store_refreshed(
+    /// Claims up to `limit` token sets whose next refresh is due at `now` and that
+    /// nobody holds, most overdue first.
+    async fn claim_due(
+        &self,
+        claim: &Claim,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<TokenSet>, StoreError>;
+
+    /// Claims one token set, due or not, unless another unexpired claim holds it.
+    async fn claim(
         &self,
         key: &TokenSetKey,
-        version: i64,
-        tokens: &NewTokens<'_>,
+        claim: &Claim,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError>;
 
-    /// Stores the outcome of a failed refresh if the row is still at `version`.
+    /// Stores refreshed tokens and ends the claim, if the claim still holds.
+    async fn store_refreshed(
+        &self,
+        key: &TokenSetKey,
+        claim_token: i64,
+        tokens: &NewTokens<'_>,
+        writer: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError>;
+
+    /// Stores the outcome of a failed refresh and ends the claim, if the claim still
+    /// holds.
     async fn store_failure(
         &self,
         key: &TokenSetKey,
-        version: i64,
+        claim_token: i64,
         failure: &FailureRecord,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError>;
+
+    /// Ends a claim without other changes and reports whether it still held.
+    async fn release(&self, key: &TokenSetKey, claim_token: i64) -> Result<bool, StoreError>;
 
     /// Deletes a token set and reports whether it existed.
     async fn delete(&self, key: &TokenSetKey) -> Result<bool, StoreError>;
 
-    /// Lists up to `limit` token sets whose next refresh is due at `now`, most
-    /// overdue first.
-    async fn due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<TokenSetKey>, StoreError>;
+    /// Starts reporting changes that other replicas make. Backends that serve a single
+    /// process return `None`.
+    fn subscribe(&self, own_writer: &str) -> Option<tokio::sync::mpsc::Receiver<StoreEvent>> {
+        let _ = own_writer;
+        None
+    }
+
+    /// Closes the connections, waiting for queries in progress.
+    async fn close(&self);
 }
 
 /// Formats a time the way the store writes it: RFC 3339, milliseconds, `Z`.
 pub fn format_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Opens the backend that `url` names (`sqlite:` or `postgres:`/`postgresql:`) and
+/// applies its migrations.
+pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(std::sync::Arc::new(
+            postgres::PostgresStore::connect(url).await?,
+        ))
+    } else {
+        Ok(std::sync::Arc::new(
+            sqlite::SqliteStore::connect(url).await?,
+        ))
+    }
+}
+
+/// Returns `url` with any password replaced, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }

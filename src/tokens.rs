@@ -2,13 +2,18 @@
 //! sets. The gRPC service and the scheduler both call it.
 //!
 //! Invariants:
-//! - At most one exchange, refresh or delete of a token set runs at a time in this
-//!   process, because each holds that token set's lock from `locks`. A caller that
-//!   waited for the lock re-reads the row before deciding anything.
-//! - New tokens are committed to the store before they are cached, served or logged.
+//! - At most one refresh of a token set runs at a time across every replica, because a
+//!   refresh needs the token set's claim in the store (see [`crate::store::TokenStore`]).
+//!   A caller that finds the claim taken waits for it to end, re-reads the row and
+//!   returns that result without refreshing again.
+//! - Within a replica, callers for one token set queue on its lock from `locks`, so that
+//!   only the first of them reads the store and claims.
+//! - New tokens are committed to the store before they are cached, served or logged,
+//!   and the commit is retried while the claim's lease lasts.
 //! - Freshness compares the stored UTC expiry with the wall clock.
-//! - A cached token is dropped when a refresh of its token set starts, so that callers
-//!   wait for the new token instead of receiving one that Tiki is about to revoke.
+//! - A cached token is dropped when a refresh of its token set is claimed, here or (via
+//!   store events) on another replica, so that callers wait for the new token instead
+//!   of receiving one that Tiki is about to revoke.
 
 mod cache;
 mod locks;
@@ -23,18 +28,23 @@ pub use cache::ServedToken;
 use cache::TokenCache;
 use locks::KeyedLocks;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     refresh::{self, RefreshPolicy, chrono_duration},
-    store::{NewTokens, StoreError, TokenSet, TokenSetKey, TokenStatus, TokenStore},
+    store::{
+        Claim, NewTokens, StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore,
+    },
     tiki::{FailureClass, Grant, TikiError, TokenApi},
 };
 
-/// Attempts to commit refreshed tokens before giving up. Tiki has already rotated the
-/// refresh token by then, so a lost write loses the user's grant.
-const COMMIT_ATTEMPTS: u32 = 5;
-
-/// Wait before the first repeated commit; it doubles with each further attempt.
+/// Wait before the first repeated commit; it doubles with each further attempt, up to
+/// `MAX_COMMIT_RETRY_DELAY`.
 const COMMIT_RETRY_DELAY: Duration = Duration::from_millis(200);
+const MAX_COMMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// How often a caller waiting for another replica's refresh re-reads the row.
+const CLAIM_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A failed token operation, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +70,7 @@ pub enum TokenError {
 pub enum RefreshOutcome {
     Refreshed,
     Failed(FailureClass),
-    /// Another caller holds the token set's lock, so it is already being refreshed.
-    InFlight,
-    /// The token set was refreshed, deleted or stopped being due meanwhile.
+    /// The token set stopped being due before the refresh began.
     NotDue,
 }
 
@@ -70,6 +78,17 @@ pub enum RefreshOutcome {
 enum Attempt {
     Refreshed(TokenSet),
     Failed(TokenSet, TikiError),
+}
+
+/// The manager's own settings.
+#[derive(Debug, Clone)]
+pub struct ManagerSettings {
+    /// Maximum number of token sets whose access token is kept in memory.
+    pub cache_capacity: u64,
+    /// Identifies this replica in claims and writes.
+    pub replica_id: String,
+    /// How long a claim lasts; longer than a request to Tiki plus the commit.
+    pub lease: Duration,
 }
 
 /// Exchanges, serves and refreshes token sets.
@@ -80,6 +99,8 @@ pub struct TokenManager {
     policy: RefreshPolicy,
     cache: TokenCache,
     locks: KeyedLocks,
+    replica_id: String,
+    lease: chrono::Duration,
 }
 
 impl std::fmt::Debug for dyn TokenStore {
@@ -95,19 +116,41 @@ impl std::fmt::Debug for dyn TokenApi {
 }
 
 impl TokenManager {
-    /// Builds a manager whose cache keeps at most `cache_capacity` token sets.
     pub fn new(
         store: Arc<dyn TokenStore>,
         tiki: Arc<dyn TokenApi>,
         policy: RefreshPolicy,
-        cache_capacity: u64,
+        settings: ManagerSettings,
     ) -> Self {
         TokenManager {
             store,
             tiki,
             policy,
-            cache: TokenCache::new(cache_capacity),
+            cache: TokenCache::new(settings.cache_capacity),
             locks: KeyedLocks::default(),
+            replica_id: settings.replica_id,
+            lease: chrono_duration(settings.lease),
+        }
+    }
+
+    /// Drops cached tokens that other replicas changed, until `shutdown` is cancelled.
+    /// Backends without change events make this return at once.
+    pub async fn follow_store_events(&self, shutdown: CancellationToken) {
+        let Some(mut events) = self.store.subscribe(&self.replica_id) else {
+            return;
+        };
+        loop {
+            let event = tokio::select! {
+                () = shutdown.cancelled() => return,
+                event = events.recv() => event,
+            };
+            match event {
+                Some(StoreEvent::Changed { key, version }) => {
+                    self.cache.remove_unless_newer(&key, version);
+                }
+                Some(StoreEvent::Resync) => self.cache.clear(),
+                None => return,
+            }
         }
     }
 
@@ -149,7 +192,10 @@ impl TokenManager {
             expires_at,
             next_refresh_at: grant.refresh_token.as_ref().map(|_| next_refresh_at),
         };
-        let set = self.store.store_exchanged(key, &tokens, Utc::now()).await?;
+        let set = self
+            .store
+            .store_exchanged(key, &tokens, &self.replica_id, Utc::now())
+            .await?;
         self.cache.put(&set);
         if set.refresh_token.is_none() {
             warn!(app = %key.app, user_id = %key.user_id, "Tiki issued no refresh token; the user did not grant the offline scope, so the token set expires without refresh");
@@ -179,7 +225,9 @@ impl TokenManager {
             Ok(None) => return Err(TokenError::NotFound(key.user_id.clone())),
             Err(error) => return self.serve_cached_after(key, error),
         };
-        self.cache.put(&set);
+        if !set.is_claimed(Utc::now()) {
+            self.cache.put(&set);
+        }
         self.serve_or_refresh(set, min_valid_seconds).await
     }
 
@@ -220,8 +268,20 @@ impl TokenManager {
             });
         }
 
-        debug!(app = %set.key.app, user_id = %set.key.user_id, "refreshing on demand");
-        match self.attempt_refresh(set).await? {
+        let key = set.key.clone();
+        let claimed = if set.is_claimed(now) {
+            None
+        } else {
+            self.store.claim(&key, &self.new_claim(), now).await?
+        };
+        let Some(claimed) = claimed else {
+            debug!(app = %key.app, user_id = %key.user_id, "waiting for a refresh in progress");
+            let set = self.wait_for_claim(&key).await?;
+            return serve_after_wait(&set, required);
+        };
+
+        debug!(app = %key.app, user_id = %key.user_id, "refreshing on demand");
+        match self.attempt_refresh(claimed).await? {
             Attempt::Refreshed(set) => Ok(ServedToken::from_set(&set)),
             Attempt::Failed(set, _) if set.status == TokenStatus::ReauthRequired => {
                 Err(TokenError::ReauthRequired(reauth_reason(&set)))
@@ -233,6 +293,25 @@ impl TokenManager {
                     TokenError::Unavailable(error.to_string())
                 }
             }),
+        }
+    }
+
+    /// Waits until nobody holds a claim on `key`, then returns the row. The wait ends
+    /// at the latest when the claim's lease would expire.
+    async fn wait_for_claim(&self, key: &TokenSetKey) -> Result<TokenSet, TokenError> {
+        let deadline = Utc::now() + self.lease;
+        loop {
+            tokio::time::sleep(CLAIM_POLL_INTERVAL).await;
+            let set = self
+                .store
+                .get(key)
+                .await?
+                .ok_or_else(|| TokenError::NotFound(key.user_id.clone()))?;
+            let now = Utc::now();
+            if !set.is_claimed(now) || now >= deadline {
+                self.cache.put(&set);
+                return Ok(set);
+            }
         }
     }
 
@@ -254,27 +333,30 @@ impl TokenManager {
         }
     }
 
-    /// Refreshes a token set the scheduler found due, unless another caller is already
-    /// refreshing it or it stopped being due.
-    pub async fn refresh_scheduled(&self, key: &TokenSetKey) -> Result<RefreshOutcome, TokenError> {
-        let Some(_guard) = self.locks.try_lock(key) else {
-            return Ok(RefreshOutcome::InFlight);
-        };
-        let Some(set) = self.store.get(key).await? else {
-            return Ok(RefreshOutcome::NotDue);
-        };
+    /// Claims up to `limit` due token sets for this replica, most overdue first.
+    pub async fn claim_due(&self, limit: u32) -> Result<Vec<TokenSet>, TokenError> {
+        let claimed = self
+            .store
+            .claim_due(&self.new_claim(), Utc::now(), limit)
+            .await?;
+        for set in &claimed {
+            self.cache.remove(&set.key);
+        }
+        Ok(claimed)
+    }
+
+    /// Refreshes a token set that [`TokenManager::claim_due`] claimed.
+    pub async fn refresh_claimed(&self, set: TokenSet) -> Result<RefreshOutcome, TokenError> {
         if !refresh::is_due(&set, Utc::now()) {
+            if let Some(claim_token) = set.claim_token {
+                self.store.release(&set.key, claim_token).await?;
+            }
             return Ok(RefreshOutcome::NotDue);
         }
         match self.attempt_refresh(set).await? {
             Attempt::Refreshed(_) => Ok(RefreshOutcome::Refreshed),
             Attempt::Failed(_, error) => Ok(RefreshOutcome::Failed(error.class())),
         }
-    }
-
-    /// Lists token sets due for a scheduled refresh, most overdue first.
-    pub async fn due(&self, limit: u32) -> Result<Vec<TokenSetKey>, TokenError> {
-        Ok(self.store.due(Utc::now(), limit).await?)
     }
 
     /// Returns a token set's metadata.
@@ -297,9 +379,15 @@ impl TokenManager {
         Ok(())
     }
 
-    /// Refreshes `set` once and stores the outcome. The caller holds the token set's lock.
+    /// Refreshes `set` once under the claim it carries and stores the outcome.
     async fn attempt_refresh(&self, set: TokenSet) -> Result<Attempt, TokenError> {
+        let Some(claim_token) = set.claim_token else {
+            return Err(TokenError::Unavailable(
+                "the token set was not claimed for a refresh".to_owned(),
+            ));
+        };
         let Some(refresh_token) = set.refresh_token.clone() else {
+            self.store.release(&set.key, claim_token).await?;
             return Err(TokenError::ReauthRequired(
                 "no refresh token is stored".to_owned(),
             ));
@@ -307,14 +395,23 @@ impl TokenManager {
         self.cache.remove(&set.key);
         let sent_at = Utc::now();
         match self.tiki.refresh(&refresh_token).await {
-            Ok(grant) => self.commit_refresh(&set, grant, sent_at).await,
-            Err(error) => self.record_failure(set, error).await,
+            Ok(grant) => self.commit_refresh(&set, claim_token, grant, sent_at).await,
+            Err(error) => self.record_failure(set, claim_token, error).await,
+        }
+    }
+
+    fn new_claim(&self) -> Claim {
+        Claim {
+            owner: self.replica_id.clone(),
+            token: rand::random::<i64>(),
+            until: Utc::now() + self.lease,
         }
     }
 
     async fn commit_refresh(
         &self,
         set: &TokenSet,
+        claim_token: i64,
         grant: Grant,
         sent_at: DateTime<Utc>,
     ) -> Result<Attempt, TokenError> {
@@ -331,32 +428,37 @@ impl TokenManager {
             next_refresh_at: Some(next_refresh_at),
         };
 
+        // Tiki has rotated the refresh token, so these tokens exist nowhere else: keep
+        // retrying the write, never the refresh, while the claim lasts.
+        let give_up_at = set.claim_until.unwrap_or_else(|| Utc::now() + self.lease);
         let mut delay = COMMIT_RETRY_DELAY;
         let mut attempt = 1;
         let stored = loop {
-            match self
+            let written = self
                 .store
-                .store_refreshed(key, set.version, &tokens, Utc::now())
-                .await
-            {
+                .store_refreshed(key, claim_token, &tokens, &self.replica_id, Utc::now())
+                .await;
+            match written {
                 Ok(stored) => break stored,
-                Err(error) if attempt < COMMIT_ATTEMPTS => {
+                Err(error) if Utc::now() + chrono_duration(delay) < give_up_at => {
                     warn!(app = %key.app, user_id = %key.user_id, %error, attempt, "storing refreshed tokens failed; retrying the write");
                     tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    delay = (delay * 2).min(MAX_COMMIT_RETRY_DELAY);
                     attempt += 1;
                 }
                 Err(error) => {
                     // NOTE: the new tokens are lost here, and Tiki has rotated the refresh
                     // token, so the user will have to consent again.
-                    error!(app = %key.app, user_id = %key.user_id, %error, "storing refreshed tokens failed; the new tokens are lost");
+                    error!(app = %key.app, user_id = %key.user_id, %error, attempt, "storing refreshed tokens failed until the claim ran out; the new tokens are lost");
                     return Err(error.into());
                 }
             }
         };
         let Some(stored) = stored else {
-            error!(app = %key.app, user_id = %key.user_id, "token set changed while it was being refreshed; the new tokens were discarded");
-            return Err(TokenError::NotFound(key.user_id.clone()));
+            error!(app = %key.app, user_id = %key.user_id, "the claim ended before the refreshed tokens were stored, because the token set was replaced, deleted or claimed after the lease ran out; the new tokens were discarded");
+            return Err(TokenError::Unavailable(
+                "the token set changed while it was being refreshed; retry the call".to_owned(),
+            ));
         };
 
         self.cache.put(&stored);
@@ -364,7 +466,12 @@ impl TokenManager {
         Ok(Attempt::Refreshed(stored))
     }
 
-    async fn record_failure(&self, set: TokenSet, error: TikiError) -> Result<Attempt, TokenError> {
+    async fn record_failure(
+        &self,
+        set: TokenSet,
+        claim_token: i64,
+        error: TikiError,
+    ) -> Result<Attempt, TokenError> {
         let key = &set.key;
         let now = Utc::now();
         let record = self
@@ -382,11 +489,14 @@ impl TokenManager {
             }
         }
 
-        let stored = self
+        let Some(stored) = self
             .store
-            .store_failure(key, set.version, &record, now)
+            .store_failure(key, claim_token, &record, &self.replica_id, now)
             .await?
-            .ok_or_else(|| TokenError::NotFound(key.user_id.clone()))?;
+        else {
+            warn!(app = %key.app, user_id = %key.user_id, "the claim ended before the failed refresh was recorded");
+            return Err(TokenError::Unavailable(error.to_string()));
+        };
         self.cache.put(&stored);
         Ok(Attempt::Failed(stored, error))
     }
@@ -402,6 +512,23 @@ fn serve_if_valid(
     } else {
         Err(otherwise())
     }
+}
+
+/// Serves the row another refresh left behind, without refreshing again.
+fn serve_after_wait(set: &TokenSet, required: chrono::Duration) -> Result<ServedToken, TokenError> {
+    if set.status == TokenStatus::ReauthRequired {
+        return Err(TokenError::ReauthRequired(reauth_reason(set)));
+    }
+    let now = Utc::now();
+    if set.remaining(now) >= required {
+        return Ok(ServedToken::from_set(set));
+    }
+    serve_if_valid(set, now, || {
+        TokenError::Unavailable(format!(
+            "the refresh in progress did not produce a valid token: {}",
+            set.last_error.as_deref().unwrap_or("no detail")
+        ))
+    })
 }
 
 fn reauth_reason(set: &TokenSet) -> String {

@@ -16,11 +16,11 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig},
     refresh::RefreshPolicy,
     store::{
-        FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStore,
+        Claim, FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStore,
         sqlite::SqliteStore,
     },
     tiki::graphql::GraphqlClient,
-    tokens::TokenManager,
+    tokens::{ManagerSettings, TokenManager},
 };
 
 /// A SQLite store that counts the rows it reads.
@@ -40,37 +40,66 @@ impl TokenStore for CountingStore {
         &self,
         key: &TokenSetKey,
         tokens: &NewTokens<'_>,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<TokenSet, StoreError> {
-        self.inner.store_exchanged(key, tokens, now).await
+        self.inner.store_exchanged(key, tokens, writer, now).await
+    }
+
+    async fn claim_due(
+        &self,
+        claim: &Claim,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<TokenSet>, StoreError> {
+        self.inner.claim_due(claim, now, limit).await
+    }
+
+    async fn claim(
+        &self,
+        key: &TokenSetKey,
+        claim: &Claim,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError> {
+        self.inner.claim(key, claim, now).await
     }
 
     async fn store_refreshed(
         &self,
         key: &TokenSetKey,
-        version: i64,
+        claim_token: i64,
         tokens: &NewTokens<'_>,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
-        self.inner.store_refreshed(key, version, tokens, now).await
+        self.inner
+            .store_refreshed(key, claim_token, tokens, writer, now)
+            .await
     }
 
     async fn store_failure(
         &self,
         key: &TokenSetKey,
-        version: i64,
+        claim_token: i64,
         failure: &FailureRecord,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
-        self.inner.store_failure(key, version, failure, now).await
+        self.inner
+            .store_failure(key, claim_token, failure, writer, now)
+            .await
+    }
+
+    async fn release(&self, key: &TokenSetKey, claim_token: i64) -> Result<bool, StoreError> {
+        self.inner.release(key, claim_token).await
     }
 
     async fn delete(&self, key: &TokenSetKey) -> Result<bool, StoreError> {
         self.inner.delete(key).await
     }
 
-    async fn due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<TokenSetKey>, StoreError> {
-        self.inner.due(now, limit).await
+    async fn close(&self) {
+        self.inner.close().await;
     }
 }
 
@@ -100,7 +129,11 @@ async fn setup(cache_capacity: u64) -> Setup {
         store.clone(),
         Arc::new(tiki),
         RefreshPolicy::default(),
-        cache_capacity,
+        ManagerSettings {
+            cache_capacity,
+            replica_id: "manager-test".to_owned(),
+            lease: Duration::from_secs(30),
+        },
     );
     Setup {
         emulator,

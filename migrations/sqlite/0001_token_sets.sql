@@ -14,12 +14,20 @@ CREATE TABLE token_sets (
     last_error       TEXT,
     created_at       TEXT    NOT NULL,
     updated_at       TEXT    NOT NULL,
+    -- The replica refreshing this token set, and until when its claim lasts.
+    claimed_by       TEXT,
+    claim_until      TEXT,
     -- Seconds of validity Tiki granted the current access token (its `expires_in`).
     lifetime_seconds INTEGER NOT NULL,
     -- 1 while the stored refresh token was sent once and no answer arrived.
     outcome_unknown  INTEGER NOT NULL DEFAULT 0 CHECK (outcome_unknown IN (0, 1)),
-    -- Increases with every write, so a stale writer or cache entry can be detected.
+    -- Increases with every change of tokens or state (not with claims), so that a
+    -- stale cache entry can be detected.
     version          INTEGER NOT NULL DEFAULT 1,
+    -- Fences the writes of the current claim.
+    claim_token      INTEGER,
+    -- The replica that wrote the row last.
+    updated_by       TEXT,
     access_token     TEXT    NOT NULL,
     refresh_token    TEXT,
     PRIMARY KEY (app, user_id)

@@ -17,7 +17,7 @@ use sqlx::{
 };
 
 use super::{
-    FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStatus, TokenStore,
+    Claim, FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStatus, TokenStore,
     format_time,
 };
 
@@ -30,8 +30,8 @@ const MAX_CONNECTIONS: u32 = 8;
 macro_rules! columns {
     () => {
         "app, user_id, status, scopes, expires_at, next_refresh_at, refreshed_at, \
-         failure_count, last_error, created_at, updated_at, lifetime_seconds, \
-         outcome_unknown, version, access_token, refresh_token"
+         failure_count, last_error, created_at, updated_at, claimed_by, claim_until, \
+         lifetime_seconds, outcome_unknown, version, claim_token, access_token, refresh_token"
     };
 }
 
@@ -46,7 +46,7 @@ impl SqliteStore {
     /// `sqlite:PATH`) and applies the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let open_error = |source| StoreError::Open {
-            url: url.to_owned(),
+            url: super::redact_url(url),
             source,
         };
         let options = SqliteConnectOptions::from_str(url)
@@ -66,11 +66,6 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
-    /// Closes every connection, waiting for queries in progress.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
     /// Runs one writing statement that returns the row it wrote.
     async fn write_returning(
         &self,
@@ -80,7 +75,7 @@ impl SqliteStore {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = query.fetch_optional(&mut *transaction).await?;
         transaction.commit().await?;
-        row.map(|row| read_row(&row, key)).transpose()
+        row.map(|row| read_row(&row, Some(key))).transpose()
     }
 }
 
@@ -96,27 +91,29 @@ impl TokenStore for SqliteStore {
         .bind(&key.user_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| read_row(&row, key)).transpose()
+        row.map(|row| read_row(&row, Some(key))).transpose()
     }
 
     async fn store_exchanged(
         &self,
         key: &TokenSetKey,
         tokens: &NewTokens<'_>,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<TokenSet, StoreError> {
         let query = sqlx::query(concat!(
             "INSERT INTO token_sets (app, user_id, status, scopes, expires_at, next_refresh_at, \
              refreshed_at, failure_count, last_error, created_at, updated_at, lifetime_seconds, \
-             outcome_unknown, version, access_token, refresh_token) \
-             VALUES (?1, ?2, 'active', ?3, ?4, ?5, NULL, 0, NULL, ?6, ?6, ?7, 0, 1, ?8, ?9) \
+             outcome_unknown, version, updated_by, access_token, refresh_token) \
+             VALUES (?1, ?2, 'active', ?3, ?4, ?5, NULL, 0, NULL, ?6, ?6, ?7, 0, 1, ?8, ?9, ?10) \
              ON CONFLICT (app, user_id) DO UPDATE SET status = 'active', \
              scopes = excluded.scopes, expires_at = excluded.expires_at, \
              next_refresh_at = excluded.next_refresh_at, refreshed_at = NULL, \
              failure_count = 0, last_error = NULL, updated_at = excluded.updated_at, \
+             claimed_by = NULL, claim_until = NULL, claim_token = NULL, \
              lifetime_seconds = excluded.lifetime_seconds, outcome_unknown = 0, \
-             version = token_sets.version + 1, access_token = excluded.access_token, \
-             refresh_token = excluded.refresh_token \
+             version = token_sets.version + 1, updated_by = excluded.updated_by, \
+             access_token = excluded.access_token, refresh_token = excluded.refresh_token \
              RETURNING ",
             columns!()
         ))
@@ -127,6 +124,7 @@ impl TokenStore for SqliteStore {
         .bind(tokens.next_refresh_at.map(format_time))
         .bind(format_time(now))
         .bind(lifetime_column(tokens.lifetime_seconds))
+        .bind(writer.to_owned())
         .bind(tokens.access_token.expose_secret().to_owned())
         .bind(
             tokens
@@ -138,11 +136,61 @@ impl TokenStore for SqliteStore {
         written.ok_or(StoreError::Query(sqlx::Error::RowNotFound))
     }
 
+    async fn claim_due(
+        &self,
+        claim: &Claim,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<TokenSet>, StoreError> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = sqlx::query(concat!(
+            "UPDATE token_sets SET claimed_by = ?1, claim_until = ?2, claim_token = ?3, \
+             updated_by = ?1 \
+             WHERE rowid IN (SELECT rowid FROM token_sets \
+             WHERE next_refresh_at IS NOT NULL AND next_refresh_at <= ?4 \
+             AND (claim_until IS NULL OR claim_until <= ?4) \
+             ORDER BY next_refresh_at LIMIT ?5) RETURNING ",
+            columns!()
+        ))
+        .bind(&claim.owner)
+        .bind(format_time(claim.until))
+        .bind(claim.token)
+        .bind(format_time(now))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        rows.iter().map(|row| read_row(row, None)).collect()
+    }
+
+    async fn claim(
+        &self,
+        key: &TokenSetKey,
+        claim: &Claim,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError> {
+        let query = sqlx::query(concat!(
+            "UPDATE token_sets SET claimed_by = ?1, claim_until = ?2, claim_token = ?3, \
+             updated_by = ?1 \
+             WHERE app = ?4 AND user_id = ?5 AND (claim_until IS NULL OR claim_until <= ?6) \
+             RETURNING ",
+            columns!()
+        ))
+        .bind(&claim.owner)
+        .bind(format_time(claim.until))
+        .bind(claim.token)
+        .bind(&key.app)
+        .bind(&key.user_id)
+        .bind(format_time(now));
+        self.write_returning(query, key).await
+    }
+
     async fn store_refreshed(
         &self,
         key: &TokenSetKey,
-        version: i64,
+        claim_token: i64,
         tokens: &NewTokens<'_>,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
         let query = sqlx::query(concat!(
@@ -150,8 +198,9 @@ impl TokenStore for SqliteStore {
              next_refresh_at = ?3, refreshed_at = ?4, failure_count = 0, last_error = NULL, \
              updated_at = ?4, lifetime_seconds = ?5, outcome_unknown = 0, \
              version = version + 1, access_token = ?6, \
-             refresh_token = COALESCE(?7, refresh_token) \
-             WHERE app = ?8 AND user_id = ?9 AND version = ?10 RETURNING ",
+             refresh_token = COALESCE(?7, refresh_token), updated_by = ?8, \
+             claimed_by = NULL, claim_until = NULL, claim_token = NULL \
+             WHERE app = ?9 AND user_id = ?10 AND claim_token = ?11 RETURNING ",
             columns!()
         ))
         .bind(tokens.scopes.join(" "))
@@ -165,24 +214,27 @@ impl TokenStore for SqliteStore {
                 .refresh_token
                 .map(|token| token.expose_secret().to_owned()),
         )
+        .bind(writer.to_owned())
         .bind(&key.app)
         .bind(&key.user_id)
-        .bind(version);
+        .bind(claim_token);
         self.write_returning(query, key).await
     }
 
     async fn store_failure(
         &self,
         key: &TokenSetKey,
-        version: i64,
+        claim_token: i64,
         failure: &FailureRecord,
+        writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
         let query = sqlx::query(concat!(
             "UPDATE token_sets SET status = ?1, failure_count = ?2, last_error = ?3, \
              next_refresh_at = ?4, outcome_unknown = ?5, updated_at = ?6, \
-             version = version + 1 \
-             WHERE app = ?7 AND user_id = ?8 AND version = ?9 RETURNING ",
+             version = version + 1, updated_by = ?7, \
+             claimed_by = NULL, claim_until = NULL, claim_token = NULL \
+             WHERE app = ?8 AND user_id = ?9 AND claim_token = ?10 RETURNING ",
             columns!()
         ))
         .bind(failure.status.as_str())
@@ -191,10 +243,26 @@ impl TokenStore for SqliteStore {
         .bind(failure.next_refresh_at.map(format_time))
         .bind(failure.outcome_unknown)
         .bind(format_time(now))
+        .bind(writer.to_owned())
         .bind(&key.app)
         .bind(&key.user_id)
-        .bind(version);
+        .bind(claim_token);
         self.write_returning(query, key).await
+    }
+
+    async fn release(&self, key: &TokenSetKey, claim_token: i64) -> Result<bool, StoreError> {
+        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let result = sqlx::query(
+            "UPDATE token_sets SET claimed_by = NULL, claim_until = NULL, claim_token = NULL \
+             WHERE app = ?1 AND user_id = ?2 AND claim_token = ?3",
+        )
+        .bind(&key.app)
+        .bind(&key.user_id)
+        .bind(claim_token)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(result.rows_affected() > 0)
     }
 
     async fn delete(&self, key: &TokenSetKey) -> Result<bool, StoreError> {
@@ -208,24 +276,8 @@ impl TokenStore for SqliteStore {
         Ok(result.rows_affected() > 0)
     }
 
-    async fn due(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<TokenSetKey>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT app, user_id FROM token_sets \
-             WHERE next_refresh_at IS NOT NULL AND next_refresh_at <= ?1 \
-             ORDER BY next_refresh_at LIMIT ?2",
-        )
-        .bind(format_time(now))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(TokenSetKey {
-                    app: row.try_get("app")?,
-                    user_id: row.try_get("user_id")?,
-                })
-            })
-            .collect()
+    async fn close(&self) {
+        self.pool.close().await;
     }
 }
 
@@ -233,7 +285,13 @@ fn lifetime_column(seconds: u64) -> i64 {
     i64::try_from(seconds).unwrap_or(i64::MAX)
 }
 
-fn read_row(row: &SqliteRow, key: &TokenSetKey) -> Result<TokenSet, StoreError> {
+/// Reads a row; `key` names it in errors when the caller knows it.
+fn read_row(row: &SqliteRow, key: Option<&TokenSetKey>) -> Result<TokenSet, StoreError> {
+    let row_key = TokenSetKey {
+        app: row.try_get("app")?,
+        user_id: row.try_get("user_id")?,
+    };
+    let key = key.unwrap_or(&row_key);
     let invalid = |column: &'static str, detail: String| StoreError::InvalidRow {
         key: key.clone(),
         column,
@@ -259,10 +317,7 @@ fn read_row(row: &SqliteRow, key: &TokenSetKey) -> Result<TokenSet, StoreError> 
     let refresh_token: Option<String> = row.try_get("refresh_token")?;
 
     Ok(TokenSet {
-        key: TokenSetKey {
-            app: row.try_get("app")?,
-            user_id: row.try_get("user_id")?,
-        },
+        key: row_key.clone(),
         status,
         access_token: SecretString::from(access_token),
         refresh_token: refresh_token.map(SecretString::from),
@@ -277,6 +332,9 @@ fn read_row(row: &SqliteRow, key: &TokenSetKey) -> Result<TokenSet, StoreError> 
         last_error: row.try_get("last_error")?,
         outcome_unknown: row.try_get("outcome_unknown")?,
         version: row.try_get("version")?,
+        claimed_by: row.try_get("claimed_by")?,
+        claim_until: optional_time("claim_until")?,
+        claim_token: row.try_get("claim_token")?,
         created_at: time("created_at")?,
         updated_at: time("updated_at")?,
     })

@@ -80,6 +80,21 @@ impl TokenCache {
         self.entries.entry_count()
     }
 
+    /// Removes the entry of `key` unless it is newer than `version`.
+    pub fn remove_unless_newer(&self, key: &TokenSetKey, version: i64) {
+        self.entries
+            .entry(key.clone())
+            .and_compute_with(|existing| match existing {
+                Some(entry) if entry.value().version > version => Op::Nop,
+                Some(_) => Op::Remove,
+                None => Op::Nop,
+            });
+    }
+
+    pub fn clear(&self) {
+        self.entries.invalidate_all();
+    }
+
     pub fn remove(&self, key: &TokenSetKey) {
         self.entries.invalidate(key);
     }

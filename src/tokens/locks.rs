@@ -1,6 +1,7 @@
-//! Per-token-set locks: the single-flight that lets only one exchange, refresh or delete
-//! of a token set run at a time in this process. Callers that find the lock taken wait
-//! for it and then re-read the row, so they see the result of the refresh they waited on.
+//! Per-token-set locks that queue one replica's callers for a token set, so that only
+//! the first of them reads the store and claims a refresh. Callers that find the lock
+//! taken wait for it and then re-read the row, so they see the result of the refresh
+//! they waited on.
 
 use std::{
     collections::HashMap,
@@ -36,8 +37,9 @@ impl KeyedLocks {
         self.guard(key, guard)
     }
 
-    /// Takes the lock of `key` if nobody holds it.
-    pub fn try_lock(&self, key: &TokenSetKey) -> Option<KeyGuard> {
+    /// Takes the lock of `key` if it is free.
+    #[cfg(test)]
+    fn try_lock(&self, key: &TokenSetKey) -> Option<KeyGuard> {
         let lock = self.entry(key);
         match lock.try_lock_owned() {
             Ok(guard) => Some(self.guard(key, guard)),

@@ -139,6 +139,8 @@ fn settings(emulator: &Emulator, database: &std::path::Path, options: &Options) 
         refresh_concurrency: 16,
         cache_capacity: 1000,
         shutdown_grace: Duration::from_secs(10),
+        refresh_lease: options.http_timeout + Duration::from_secs(10),
+        replica_id: "test".to_owned(),
     }
 }
 
