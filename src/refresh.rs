@@ -112,8 +112,9 @@ impl RefreshPolicy {
                 outcome_unknown: set.outcome_unknown,
             },
             _ if set.outcome_unknown && error.reached_tiki() => reauth(format!(
-                "an earlier refresh got no answer, so Tiki may have rotated the refresh \
-                 token, and the one retry failed too ({error}); the user must consent again"
+                "an earlier refresh got no answer (it timed out, or its replica stopped \
+                 before committing), so Tiki may have rotated the refresh token, and the one \
+                 retry failed too ({error}); the user must consent again"
             )),
             FailureClass::GrantRejected => reauth(format!(
                 "{error}; the user must consent again through my.getAuthCode"

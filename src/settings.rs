@@ -313,6 +313,14 @@ fn http_url(key: &'static str, url: String) -> Result<String, SettingsError> {
 }
 
 fn database_url(url: String) -> Result<String, SettingsError> {
+    if url.starts_with("sqlite:") && url.contains(":memory:") {
+        return Err(SettingsError::Invalid {
+            key: "database_url",
+            message: "an in-memory SQLite database loses every token set on restart; use a \
+                      file such as sqlite://tokend.db"
+                .to_owned(),
+        });
+    }
     let supported = ["sqlite:", "postgres://", "postgresql://"];
     if supported.iter().any(|prefix| url.starts_with(prefix)) {
         return Ok(url);
@@ -451,6 +459,7 @@ mod tests {
             ("TOKEND_GRPC_ADDR", "localhost", "grpc_addr"),
             ("TOKEND_TIKI_GRAPHQL_URL", "ftp://x", "tiki_graphql_url"),
             ("TOKEND_DATABASE_URL", "mysql://x", "database_url"),
+            ("TOKEND_DATABASE_URL", "sqlite::memory:", "database_url"),
             ("TOKEND_REFRESH_LEASE", "12", "refresh_lease"),
             ("TOKEND_REPLICA_ID", "   ", "replica_id"),
             (

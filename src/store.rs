@@ -100,6 +100,17 @@ impl TokenSet {
         (self.expires_at - now).max(chrono::Duration::zero())
     }
 
+    /// Time for which the stored access token can be served, as of `now`: zero once it
+    /// expired, and zero while the last refresh's outcome is unknown, because Tiki may
+    /// already have revoked the token.
+    pub fn servable_for(&self, now: DateTime<Utc>) -> chrono::Duration {
+        if self.outcome_unknown {
+            chrono::Duration::zero()
+        } else {
+            self.remaining(now)
+        }
+    }
+
     /// Whether a replica holds an unexpired claim on this token set at `now`.
     pub fn is_claimed(&self, now: DateTime<Utc>) -> bool {
         self.claim_until.is_some_and(|until| until > now)
@@ -154,6 +165,8 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("locking {path} failed: {reason}")]
+    Lock { path: String, reason: String },
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database query failed: {0}")]
@@ -172,6 +185,10 @@ pub enum StoreError {
 /// while no other unexpired claim exists, and the writes that end a refresh take the
 /// claim's token and change nothing unless that claim still holds, so a replica whose
 /// lease ran out can never overwrite newer tokens. Those writes return `None` then.
+///
+/// Every write that ends a refresh also ends its claim, so a claim whose lease ran out
+/// was abandoned: its replica stopped or lost the database, perhaps after Tiki rotated
+/// the refresh token. Taking such a claim over therefore sets `outcome_unknown`.
 #[async_trait]
 pub trait TokenStore: Send + Sync + 'static {
     async fn get(&self, key: &TokenSetKey) -> Result<Option<TokenSet>, StoreError>;

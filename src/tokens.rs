@@ -18,7 +18,13 @@
 mod cache;
 mod locks;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
@@ -101,6 +107,9 @@ pub struct TokenManager {
     locks: KeyedLocks,
     replica_id: String,
     lease: chrono::Duration,
+    /// Unix milliseconds until which no refresh is sent, after Tiki rejected tokend's
+    /// credentials.
+    credentials_blocked_until: AtomicI64,
 }
 
 impl std::fmt::Debug for dyn TokenStore {
@@ -130,6 +139,7 @@ impl TokenManager {
             locks: KeyedLocks::default(),
             replica_id: settings.replica_id,
             lease: chrono_duration(settings.lease),
+            credentials_blocked_until: AtomicI64::new(0),
         }
     }
 
@@ -208,7 +218,7 @@ impl TokenManager {
     /// [`refresh::min_valid`]), refreshing the token set first when needed. While
     /// refreshes fail, a token that is still valid is returned even if it expires sooner.
     pub async fn access_token(
-        &self,
+        self: &Arc<Self>,
         key: &TokenSetKey,
         min_valid_seconds: u32,
     ) -> Result<ServedToken, TokenError> {
@@ -232,7 +242,7 @@ impl TokenManager {
     }
 
     async fn serve_or_refresh(
-        &self,
+        self: &Arc<Self>,
         set: TokenSet,
         min_valid_seconds: u32,
     ) -> Result<ServedToken, TokenError> {
@@ -241,7 +251,7 @@ impl TokenManager {
         if set.status == TokenStatus::ReauthRequired {
             return Err(TokenError::ReauthRequired(reauth_reason(&set)));
         }
-        if set.remaining(now) >= required {
+        if set.servable_for(now) >= required {
             return Ok(ServedToken::from_set(&set));
         }
         if set.refresh_token.is_none() {
@@ -280,8 +290,17 @@ impl TokenManager {
             return serve_after_wait(&set, required);
         };
 
+        if let Some(error) = self.credentials_blocked(Utc::now()) {
+            self.record_failure(
+                claimed.clone(),
+                claimed.claim_token.unwrap_or_default(),
+                error,
+            )
+            .await?;
+            return serve_if_valid(&claimed, Utc::now(), || TokenError::CredentialsRejected);
+        }
         debug!(app = %key.app, user_id = %key.user_id, "refreshing on demand");
-        match self.attempt_refresh(claimed).await? {
+        match self.spawn_refresh(claimed).await? {
             Attempt::Refreshed(set) => Ok(ServedToken::from_set(&set)),
             Attempt::Failed(set, _) if set.status == TokenStatus::ReauthRequired => {
                 Err(TokenError::ReauthRequired(reauth_reason(&set)))
@@ -346,14 +365,22 @@ impl TokenManager {
     }
 
     /// Refreshes a token set that [`TokenManager::claim_due`] claimed.
-    pub async fn refresh_claimed(&self, set: TokenSet) -> Result<RefreshOutcome, TokenError> {
+    pub async fn refresh_claimed(
+        self: &Arc<Self>,
+        set: TokenSet,
+    ) -> Result<RefreshOutcome, TokenError> {
         if !refresh::is_due(&set, Utc::now()) {
             if let Some(claim_token) = set.claim_token {
                 self.store.release(&set.key, claim_token).await?;
             }
             return Ok(RefreshOutcome::NotDue);
         }
-        match self.attempt_refresh(set).await? {
+        if let Some(error) = self.credentials_blocked(Utc::now()) {
+            let claim_token = set.claim_token.unwrap_or_default();
+            self.record_failure(set, claim_token, error).await?;
+            return Ok(RefreshOutcome::Failed(FailureClass::CredentialsRejected));
+        }
+        match self.spawn_refresh(set).await? {
             Attempt::Refreshed(_) => Ok(RefreshOutcome::Refreshed),
             Attempt::Failed(_, error) => Ok(RefreshOutcome::Failed(error.class())),
         }
@@ -377,6 +404,35 @@ impl TokenManager {
         }
         info!(app = %key.app, user_id = %key.user_id, "token set deleted");
         Ok(())
+    }
+
+    /// Runs [`TokenManager::attempt_refresh`] in its own task, so that a caller that gives
+    /// up (a gRPC deadline, say) cannot stop a refresh between Tiki's rotation of the
+    /// refresh token and the commit of the new one.
+    async fn spawn_refresh(self: &Arc<Self>, set: TokenSet) -> Result<Attempt, TokenError> {
+        let manager = Arc::clone(self);
+        let key = set.key.clone();
+        tokio::spawn(async move { manager.attempt_refresh(set).await })
+            .await
+            .unwrap_or_else(|error| {
+                error!(app = %key.app, user_id = %key.user_id, %error, "a refresh task failed");
+                Err(TokenError::Unavailable(
+                    "the refresh failed unexpectedly".to_owned(),
+                ))
+            })
+    }
+
+    /// Returns the error to record instead of calling Tiki while Tiki's last answer
+    /// rejected tokend's credentials, so that callers cannot flood Tiki with requests
+    /// it will reject.
+    fn credentials_blocked(&self, now: DateTime<Utc>) -> Option<TikiError> {
+        let until = self.credentials_blocked_until.load(Ordering::Relaxed);
+        (now.timestamp_millis() < until).then(|| {
+            TikiError::CredentialsRejected(
+                "an earlier request was rejected; no request is sent until the retry time"
+                    .to_owned(),
+            )
+        })
     }
 
     /// Refreshes `set` once under the claim it carries and stores the outcome.
@@ -429,10 +485,9 @@ impl TokenManager {
         };
 
         // Tiki has rotated the refresh token, so these tokens exist nowhere else: keep
-        // retrying the write, never the refresh, while the claim lasts.
-        let give_up_at = set.claim_until.unwrap_or_else(|| Utc::now() + self.lease);
+        // retrying the write, never the refresh, until it lands or the claim is lost.
         let mut delay = COMMIT_RETRY_DELAY;
-        let mut attempt = 1;
+        let mut attempt: u64 = 1;
         let stored = loop {
             let written = self
                 .store
@@ -440,17 +495,13 @@ impl TokenManager {
                 .await;
             match written {
                 Ok(stored) => break stored,
-                Err(error) if Utc::now() + chrono_duration(delay) < give_up_at => {
-                    warn!(app = %key.app, user_id = %key.user_id, %error, attempt, "storing refreshed tokens failed; retrying the write");
+                Err(error) => {
+                    if attempt <= 3 || attempt.is_multiple_of(10) {
+                        warn!(app = %key.app, user_id = %key.user_id, %error, attempt, "storing refreshed tokens failed; retrying the write");
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_COMMIT_RETRY_DELAY);
                     attempt += 1;
-                }
-                Err(error) => {
-                    // NOTE: the new tokens are lost here, and Tiki has rotated the refresh
-                    // token, so the user will have to consent again.
-                    error!(app = %key.app, user_id = %key.user_id, %error, attempt, "storing refreshed tokens failed until the claim ran out; the new tokens are lost");
-                    return Err(error.into());
                 }
             }
         };
@@ -477,6 +528,11 @@ impl TokenManager {
         let record = self
             .policy
             .after_failure(&set, &error, now, rand::random::<f64>());
+        if error.class() == FailureClass::CredentialsRejected {
+            let until = now + chrono_duration(self.policy.credentials_retry);
+            self.credentials_blocked_until
+                .fetch_max(until.timestamp_millis(), Ordering::Relaxed);
+        }
         match (error.class(), record.status) {
             (FailureClass::CredentialsRejected, _) => {
                 error!(app = %key.app, user_id = %key.user_id, %error, "Tiki rejected tokend's client credentials; fix client_id and client_secret");
@@ -507,7 +563,7 @@ fn serve_if_valid(
     now: DateTime<Utc>,
     otherwise: impl FnOnce() -> TokenError,
 ) -> Result<ServedToken, TokenError> {
-    if set.remaining(now) > chrono::Duration::zero() {
+    if set.servable_for(now) > chrono::Duration::zero() {
         Ok(ServedToken::from_set(set))
     } else {
         Err(otherwise())
@@ -520,7 +576,7 @@ fn serve_after_wait(set: &TokenSet, required: chrono::Duration) -> Result<Served
         return Err(TokenError::ReauthRequired(reauth_reason(set)));
     }
     let now = Utc::now();
-    if set.remaining(now) >= required {
+    if set.servable_for(now) >= required {
         return Ok(ServedToken::from_set(set));
     }
     serve_if_valid(set, now, || {

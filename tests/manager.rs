@@ -106,7 +106,7 @@ impl TokenStore for CountingStore {
 struct Setup {
     emulator: Emulator,
     store: Arc<CountingStore>,
-    manager: TokenManager,
+    manager: Arc<TokenManager>,
     _dir: tempfile::TempDir,
 }
 
@@ -125,7 +125,7 @@ async fn setup(cache_capacity: u64) -> Setup {
         Duration::from_secs(5),
     )
     .unwrap();
-    let manager = TokenManager::new(
+    let manager = Arc::new(TokenManager::new(
         store.clone(),
         Arc::new(tiki),
         RefreshPolicy::default(),
@@ -134,7 +134,7 @@ async fn setup(cache_capacity: u64) -> Setup {
             replica_id: "manager-test".to_owned(),
             lease: Duration::from_secs(30),
         },
-    );
+    ));
     Setup {
         emulator,
         store,

@@ -139,7 +139,7 @@ impl TokenStore for PostgresStore {
     ) -> Result<Vec<TokenSet>, StoreError> {
         let rows = sqlx::query(concat!(
             "UPDATE token_sets AS t SET claimed_by = $1, claim_until = $2, claim_token = $3, \
-             updated_by = $1 \
+             updated_by = $1, outcome_unknown = (t.outcome_unknown OR t.claim_until IS NOT NULL) \
              FROM (SELECT app, user_id FROM token_sets \
              WHERE next_refresh_at <= $4 AND (claim_until IS NULL OR claim_until <= $4) \
              ORDER BY next_refresh_at LIMIT $5 FOR UPDATE SKIP LOCKED) AS due \
@@ -164,7 +164,7 @@ impl TokenStore for PostgresStore {
     ) -> Result<Option<TokenSet>, StoreError> {
         let query = sqlx::query(concat!(
             "UPDATE token_sets SET claimed_by = $1, claim_until = $2, claim_token = $3, \
-             updated_by = $1 \
+             updated_by = $1, outcome_unknown = (outcome_unknown OR claim_until IS NOT NULL) \
              WHERE app = $4 AND user_id = $5 AND (claim_until IS NULL OR claim_until <= $6) \
              RETURNING ",
             columns!()

@@ -2,7 +2,13 @@
 //! that takes the write lock when it begins (`BEGIN IMMEDIATE`), so that concurrent
 //! writers wait for the busy timeout instead of failing with "database is locked".
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    fs::{File, TryLockError},
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -39,6 +45,10 @@ macro_rules! columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// An exclusive lock on `PATH.lock`, held until `close`, because SQLite has no way
+    /// to tell other processes that a token set changed, so their caches would serve
+    /// tokens that Tiki revoked.
+    process_lock: Arc<Mutex<Option<File>>>,
 }
 
 impl SqliteStore {
@@ -49,8 +59,9 @@ impl SqliteStore {
             url: super::redact_url(url),
             source,
         };
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(open_error)?
+        let options = SqliteConnectOptions::from_str(url).map_err(open_error)?;
+        let process_lock = lock_database(options.get_filename())?;
+        let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // Losing a committed refresh would lose the rotated refresh token, and with
@@ -63,7 +74,10 @@ impl SqliteStore {
             .await
             .map_err(open_error)?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            process_lock: Arc::new(Mutex::new(Some(process_lock))),
+        })
     }
 
     /// Runs one writing statement that returns the row it wrote.
@@ -145,7 +159,7 @@ impl TokenStore for SqliteStore {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(concat!(
             "UPDATE token_sets SET claimed_by = ?1, claim_until = ?2, claim_token = ?3, \
-             updated_by = ?1 \
+             updated_by = ?1, outcome_unknown = (outcome_unknown OR claim_until IS NOT NULL) \
              WHERE rowid IN (SELECT rowid FROM token_sets \
              WHERE next_refresh_at IS NOT NULL AND next_refresh_at <= ?4 \
              AND (claim_until IS NULL OR claim_until <= ?4) \
@@ -171,7 +185,7 @@ impl TokenStore for SqliteStore {
     ) -> Result<Option<TokenSet>, StoreError> {
         let query = sqlx::query(concat!(
             "UPDATE token_sets SET claimed_by = ?1, claim_until = ?2, claim_token = ?3, \
-             updated_by = ?1 \
+             updated_by = ?1, outcome_unknown = (outcome_unknown OR claim_until IS NOT NULL) \
              WHERE app = ?4 AND user_id = ?5 AND (claim_until IS NULL OR claim_until <= ?6) \
              RETURNING ",
             columns!()
@@ -278,6 +292,41 @@ impl TokenStore for SqliteStore {
 
     async fn close(&self) {
         self.pool.close().await;
+        let lock = self
+            .process_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        drop(lock);
+    }
+}
+
+/// Takes an exclusive lock on `database.lock` so that only one process uses the file.
+fn lock_database(database: &Path) -> Result<File, StoreError> {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| StoreError::Lock {
+            path: path.display().to_string(),
+            reason: source.to_string(),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(StoreError::Lock {
+            path: path.display().to_string(),
+            reason: "another tokend process uses this database; SQLite serves one process, \
+                     so stop the other one or use PostgreSQL for several replicas"
+                .to_owned(),
+        }),
+        Err(TryLockError::Error(source)) => Err(StoreError::Lock {
+            path: path.display().to_string(),
+            reason: source.to_string(),
+        }),
     }
 }
 

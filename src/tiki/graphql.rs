@@ -34,6 +34,14 @@ const CREDENTIALS_REJECTED_CODES: &[&str] = &[
     "invalid_timestamp",
 ];
 
+/// Longest `Retry-After` wait honoured, in seconds; longer values are capped so that a
+/// bad header cannot stop refreshes for good.
+const MAX_RETRY_AFTER_SECONDS: u64 = 300;
+
+/// Longest token lifetime accepted, in seconds. Longer `expires_in` values are capped,
+/// which only makes tokend refresh earlier than needed.
+const MAX_EXPIRES_IN_SECONDS: u64 = 366 * 24 * 3600;
+
 /// Maximum length, in characters, of the upstream error text kept in a `TikiError`.
 const MAX_MESSAGE_CHARS: usize = 200;
 
@@ -216,7 +224,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 
 fn parse_retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option<Duration> {
     let seconds: u64 = value?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(seconds))
+    Some(Duration::from_secs(seconds.min(MAX_RETRY_AFTER_SECONDS)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,7 +314,7 @@ fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiErr
         if let Some(Value::Object(extensions)) = &error.extensions {
             for key in ["code", "reason", "error"] {
                 if let Some(Value::String(code)) = extensions.get(key) {
-                    codes.push(code.to_ascii_lowercase());
+                    codes.push(code.clone());
                 }
             }
         }
@@ -317,7 +325,7 @@ fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiErr
 
     let mentions = |known: &[&str]| {
         known.iter().any(|code| {
-            codes.iter().any(|found| found == code)
+            codes.iter().any(|found| found.eq_ignore_ascii_case(code))
                 || messages
                     .iter()
                     .any(|message| message.to_ascii_lowercase().contains(code))
@@ -381,7 +389,7 @@ fn parse_expires_in(value: Option<&Value>) -> Result<u64, String> {
         _ => None,
     };
     match seconds {
-        Some(seconds) if seconds > 0 => Ok(seconds),
+        Some(seconds) if seconds > 0 => Ok(seconds.min(MAX_EXPIRES_IN_SECONDS)),
         _ => Err(format!(
             "expires_in must be a positive whole number of seconds, got {}",
             value.map_or_else(|| "nothing".to_owned(), Value::to_string)
@@ -537,6 +545,35 @@ mod tests {
         Credentials,
         Transient,
         Unknown,
+    }
+
+    #[test]
+    fn echoed_secret_in_code_is_redacted() {
+        let body =
+            r#"{"data":null,"errors":[{"message":"x","extensions":{"code":"Secret-Token"}}]}"#;
+        let error = interpret_response(
+            Operation::Refresh,
+            StatusCode::OK,
+            None,
+            body.as_bytes(),
+            &["Secret-Token"],
+        )
+        .unwrap_err();
+        assert!(!error.to_string().to_lowercase().contains("secret-token"));
+    }
+
+    #[test]
+    fn absurd_numbers_are_capped() {
+        let grant = interpret(
+            r#"{"data":{"refresh_auth_access_token":{"access_token":"a","expires_in":10000000000000}}}"#,
+        )
+        .unwrap();
+        assert_eq!(grant.expires_in, MAX_EXPIRES_IN_SECONDS);
+        let header = reqwest::header::HeaderValue::from_static("18446744073709551615");
+        assert_eq!(
+            parse_retry_after(Some(&header)),
+            Some(Duration::from_secs(MAX_RETRY_AFTER_SECONDS))
+        );
     }
 
     #[test]

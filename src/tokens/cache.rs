@@ -59,9 +59,10 @@ impl TokenCache {
     }
 
     /// Caches the token of a row just read or written, unless the cache already holds a
-    /// newer version. A row whose user must consent again is removed instead.
+    /// newer version. A row whose user must consent again, or whose last refresh has an
+    /// unknown outcome, is removed instead.
     pub fn put(&self, set: &TokenSet) {
-        if set.status == TokenStatus::ReauthRequired {
+        if set.status == TokenStatus::ReauthRequired || set.outcome_unknown {
             self.remove(&set.key);
             return;
         }
