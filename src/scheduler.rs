@@ -101,6 +101,8 @@ pub struct Scheduler {
     stats: Arc<SchedulerStats>,
     permits: Arc<Semaphore>,
     tasks: JoinSet<()>,
+    /// Whether the last pass failed to claim, so that an outage logs once, not per tick.
+    claim_failing: bool,
 }
 
 impl Scheduler {
@@ -111,6 +113,7 @@ impl Scheduler {
             stats,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tasks: JoinSet::new(),
+            claim_failing: false,
         }
     }
 
@@ -169,10 +172,16 @@ impl Scheduler {
         let claimed = match self.manager.claim_due(limit).await {
             Ok(claimed) => claimed,
             Err(error) => {
-                warn!(%error, "claiming due token sets failed; retrying on the next tick");
+                if !self.claim_failing {
+                    warn!(%error, "claiming due token sets failed; retrying every tick");
+                }
+                self.claim_failing = true;
                 return;
             }
         };
+        if std::mem::take(&mut self.claim_failing) {
+            info!("claiming due token sets works again");
+        }
 
         let started = claimed.len() as u64;
         for set in claimed {

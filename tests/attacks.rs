@@ -496,7 +496,7 @@ async fn rejected_credentials_do_not_make_every_call_hit_tiki() {
 async fn echoed_token_in_error_code_is_redacted() {
     let mut env = TestEnv::start(on_demand_window()).await;
     let info = env.exchange("alice").await;
-    let refresh_token = stored_refresh_token(&env.database, "alice").await;
+    let refresh_token = stored_refresh_token(&env.sqlite_path(), "alice").await;
     sleep_into_on_demand_window(&info.expires_at).await;
     env.emulator.inject(
         Fault::GraphqlError {
@@ -531,7 +531,7 @@ async fn failed_commit_does_not_present_a_rotated_out_token() {
     let info = env.exchange("alice").await;
     sleep_into_on_demand_window(&info.expires_at).await;
 
-    let pool = open_database(&env.database).await;
+    let pool = open_database(&env.sqlite_path()).await;
     sqlx::query(
         "CREATE TRIGGER attack_fail_updates BEFORE UPDATE ON token_sets \
          BEGIN SELECT RAISE(ABORT, 'simulated disk failure'); END",
@@ -566,7 +566,7 @@ async fn short_exclusive_lock_only_delays_the_commit() {
     let info = env.exchange("alice").await;
     sleep_into_on_demand_window(&info.expires_at).await;
 
-    let pool = open_database(&env.database).await;
+    let pool = open_database(&env.sqlite_path()).await;
     let mut connection = pool.acquire().await.unwrap();
     sqlx::query("BEGIN EXCLUSIVE")
         .execute(&mut *connection)
@@ -933,7 +933,7 @@ async fn trace_logs_and_errors_hold_no_secret() {
         .unwrap()
         .into_inner();
     secrets.push(env.access_token("alice").await.unwrap().access_token);
-    let refresh_token = stored_refresh_token(&env.database, "alice").await;
+    let refresh_token = stored_refresh_token(&env.sqlite_path(), "alice").await;
     secrets.push(refresh_token.clone());
     sleep_into_on_demand_window(&info.expires_at).await;
 
@@ -974,7 +974,7 @@ async fn trace_logs_and_errors_hold_no_secret() {
         messages.push(status.message().to_owned());
     }
     messages.push(env.token_set("alice").await.last_error);
-    let last_refresh_token = stored_refresh_token(&env.database, "alice").await;
+    let last_refresh_token = stored_refresh_token(&env.sqlite_path(), "alice").await;
     secrets.push(last_refresh_token);
 
     let text = String::from_utf8_lossy(

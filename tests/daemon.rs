@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Options, TestEnv, millis, now_millis, wait_until};
+use support::{Backend, Options, TestEnv, millis, now_millis, wait_until};
 use tokend::{emulator::Fault, proto};
 use tonic::Code;
 
@@ -17,9 +17,8 @@ fn short_lived(expires_in: u64) -> Options {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exchange_then_get_serves_valid_token() {
-    let mut env = TestEnv::start(Options::default()).await;
+async fn exchange_then_get_serves_valid_token(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
 
     let info = env.exchange("alice").await;
     assert_eq!(info.user_id, "alice");
@@ -44,9 +43,8 @@ async fn exchange_then_get_serves_valid_token() {
     assert_eq!(env.emulator.stats().refresh_requests, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refresh_happens_ahead_of_expiry() {
-    let mut env = TestEnv::start(short_lived(6)).await;
+async fn refresh_happens_ahead_of_expiry(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(6)).await;
     let info = env.exchange("alice").await;
     let first = env.access_token("alice").await.unwrap().access_token;
     let first_expiry = millis(&info.expires_at);
@@ -84,16 +82,18 @@ async fn refresh_happens_ahead_of_expiry() {
     assert_eq!(stats.refreshes_after_expiry, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_gets_cause_one_refresh() {
+async fn concurrent_gets_cause_one_refresh(backend: Backend) {
     // A short lead keeps the scheduler away while the token is already due on demand:
     // with a 6 s lifetime, GetAccessToken wants 3 s of validity, and the scheduler
     // refreshes only 1.0 to 1.2 s before expiry.
-    let mut env = TestEnv::start(Options {
-        expires_in: 6,
-        refresh_before: Duration::from_secs(1),
-        ..Options::default()
-    })
+    let mut env = TestEnv::start_on(
+        &backend,
+        Options {
+            expires_in: 6,
+            refresh_before: Duration::from_secs(1),
+            ..Options::default()
+        },
+    )
     .await;
     let info = env.exchange("alice").await;
     let wait_ms = millis(&info.expires_at) - now_millis() - 2_500;
@@ -130,9 +130,8 @@ async fn concurrent_gets_cause_one_refresh() {
     assert_eq!(env.emulator.stats().reuse_detections, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_keeps_token_sets_refreshing() {
-    let mut env = TestEnv::start(short_lived(4)).await;
+async fn restart_keeps_token_sets_refreshing(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(4)).await;
     env.exchange("alice").await;
     env.exchange("bob").await;
     env.restart().await;
@@ -160,9 +159,8 @@ async fn restart_keeps_token_sets_refreshing() {
     assert_eq!(env.emulator.stats().reuse_detections, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_errors_then_recovery() {
-    let mut env = TestEnv::start(short_lived(10)).await;
+async fn server_errors_then_recovery(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(10)).await;
     env.exchange("alice").await;
     let original = env.access_token("alice").await.unwrap().access_token;
     env.emulator.inject(Fault::Status(503), None);
@@ -228,9 +226,8 @@ async fn server_errors_then_recovery() {
     assert_eq!(env.emulator.stats().reuse_detections, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_grant_requires_reauth() {
-    let mut env = TestEnv::start(short_lived(4)).await;
+async fn revoked_grant_requires_reauth(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(4)).await;
     env.exchange("alice").await;
     env.emulator.revoke_customer("alice");
 
@@ -270,9 +267,8 @@ async fn revoked_grant_requires_reauth() {
     assert_eq!(env.emulator.stats().refresh_requests, attempts);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refresh_without_refresh_token_keeps_stored_one() {
-    let mut env = TestEnv::start(short_lived(4)).await;
+async fn refresh_without_refresh_token_keeps_stored_one(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(4)).await;
     env.emulator.set_omit_refresh_token(true);
     env.exchange("alice").await;
 
@@ -299,9 +295,8 @@ async fn refresh_without_refresh_token_keeps_stored_one() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expires_in_as_string_is_accepted() {
-    let mut env = TestEnv::start(short_lived(4)).await;
+async fn expires_in_as_string_is_accepted(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(4)).await;
     env.emulator.set_expires_in_as_string(true);
     let info = env.exchange("alice").await;
     let lifetime = millis(&info.expires_at) - now_millis();
@@ -324,9 +319,8 @@ async fn expires_in_as_string_is_accepted() {
     assert!(millis(&refreshed.expires_at) > millis(&info.expires_at));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_code_fails_precondition() {
-    let mut env = TestEnv::start(Options::default()).await;
+async fn rejected_code_fails_precondition(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
     let status = env
         .client
         .exchange_auth_code(proto::ExchangeAuthCodeRequest {
@@ -355,9 +349,8 @@ async fn rejected_code_fails_precondition() {
     assert_eq!(reused.code(), Code::FailedPrecondition);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_arguments_name_the_field() {
-    let mut env = TestEnv::start(Options::default()).await;
+async fn invalid_arguments_name_the_field(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
     let long_id = "u".repeat(257);
     for user_id in ["", "line\nbreak", long_id.as_str()] {
         let status = env.access_token(user_id).await.unwrap_err();
@@ -383,9 +376,8 @@ async fn invalid_arguments_name_the_field() {
     assert_eq!(env.emulator.stats().exchange_requests, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_and_deleted_users_are_not_found() {
-    let mut env = TestEnv::start(Options::default()).await;
+async fn unknown_and_deleted_users_are_not_found(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
     assert_eq!(
         env.access_token("nobody").await.unwrap_err().code(),
         Code::NotFound
@@ -420,9 +412,8 @@ async fn unknown_and_deleted_users_are_not_found() {
     assert_eq!(status.code(), Code::NotFound);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_tiki_is_unavailable() {
-    let mut env = TestEnv::start(short_lived(4)).await;
+async fn unreachable_tiki_is_unavailable(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(4)).await;
     env.exchange("alice").await;
     let addr = env.emulator.addr();
     let emulator = std::mem::replace(
@@ -465,9 +456,8 @@ async fn unreachable_tiki_is_unavailable() {
     assert_eq!(info.status(), proto::TokenStatus::RefreshFailing);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn scheduler_recovers_from_stall() {
-    let mut env = TestEnv::start(short_lived(4)).await;
+async fn scheduler_recovers_from_stall(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(4)).await;
     env.exchange("alice").await;
     let stats = env.daemon().scheduler_stats().clone();
     wait_until("the scheduler runs", Duration::from_secs(5), || {
@@ -514,16 +504,18 @@ async fn scheduler_recovers_from_stall() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timed_out_refresh_retried_once() {
+async fn timed_out_refresh_retried_once(backend: Backend) {
     // Tiki rotates the token and then answers too late: the daemon cannot know the new
     // tokens, presents the old refresh token exactly once more, and Tiki's reuse
     // detection revokes the family, so the user must consent again.
-    let mut env = TestEnv::start(Options {
-        expires_in: 6,
-        http_timeout: Duration::from_secs(1),
-        ..Options::default()
-    })
+    let mut env = TestEnv::start_on(
+        &backend,
+        Options {
+            expires_in: 6,
+            http_timeout: Duration::from_secs(1),
+            ..Options::default()
+        },
+    )
     .await;
     env.exchange("alice").await;
     env.emulator
@@ -559,9 +551,8 @@ async fn timed_out_refresh_retried_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn many_writers_share_the_database() {
-    let mut env = TestEnv::start(short_lived(4)).await;
+async fn many_writers_share_the_database(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, short_lived(4)).await;
     let users: Vec<String> = (0..40).map(|index| format!("user-{index}")).collect();
 
     let mut exchanges = tokio::task::JoinSet::new();
@@ -580,17 +571,31 @@ async fn many_writers_share_the_database() {
         result.unwrap().unwrap();
     }
 
-    // Another process holds the write lock for a while; writers must wait, not fail.
-    let url = format!("sqlite://{}", env.database.display());
-    let outsider = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let mut transaction = outsider.begin_with("BEGIN IMMEDIATE").await.unwrap();
-    sqlx::query("UPDATE token_sets SET updated_at = updated_at WHERE user_id = 'none'")
-        .execute(&mut *transaction)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    transaction.commit().await.unwrap();
-    outsider.close().await;
+    // Another connection blocks every write for a while; writers must wait, not fail.
+    match &env.backend {
+        Backend::Sqlite => {
+            let outsider = sqlx::SqlitePool::connect(&env.database_url).await.unwrap();
+            let mut transaction = outsider.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            sqlx::query("UPDATE token_sets SET updated_at = updated_at WHERE user_id = 'none'")
+                .execute(&mut *transaction)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            transaction.commit().await.unwrap();
+            outsider.close().await;
+        }
+        Backend::Postgres(_) => {
+            let outsider = sqlx::PgPool::connect(&env.database_url).await.unwrap();
+            let mut transaction = outsider.begin().await.unwrap();
+            sqlx::query("LOCK TABLE token_sets IN EXCLUSIVE MODE")
+                .execute(&mut *transaction)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            transaction.commit().await.unwrap();
+            outsider.close().await;
+        }
+    }
 
     wait_until(
         "every token set refreshed twice",
@@ -616,4 +621,22 @@ async fn many_writers_share_the_database() {
         );
     }
     assert_eq!(env.emulator.stats().reuse_detections, 0);
+}
+
+backend_tests! {
+    exchange_then_get_serves_valid_token,
+    refresh_happens_ahead_of_expiry,
+    concurrent_gets_cause_one_refresh,
+    restart_keeps_token_sets_refreshing,
+    server_errors_then_recovery,
+    revoked_grant_requires_reauth,
+    refresh_without_refresh_token_keeps_stored_one,
+    expires_in_as_string_is_accepted,
+    rejected_code_fails_precondition,
+    invalid_arguments_name_the_field,
+    unknown_and_deleted_users_are_not_found,
+    unreachable_tiki_is_unavailable,
+    scheduler_recovers_from_stall,
+    timed_out_refresh_retried_once,
+    many_writers_share_the_database,
 }

@@ -140,10 +140,10 @@ impl TokenStore for PostgresStore {
         let rows = sqlx::query(concat!(
             "UPDATE token_sets AS t SET claimed_by = $1, claim_until = $2, claim_token = $3, \
              updated_by = $1, outcome_unknown = (t.outcome_unknown OR t.claim_until IS NOT NULL) \
-             FROM (SELECT app, user_id FROM token_sets \
+             FROM (SELECT app AS due_app, user_id AS due_user_id FROM token_sets \
              WHERE next_refresh_at <= $4 AND (claim_until IS NULL OR claim_until <= $4) \
              ORDER BY next_refresh_at LIMIT $5 FOR UPDATE SKIP LOCKED) AS due \
-             WHERE t.app = due.app AND t.user_id = due.user_id RETURNING ",
+             WHERE t.app = due.due_app AND t.user_id = due.due_user_id RETURNING ",
             columns!()
         ))
         .bind(&claim.owner)
@@ -285,25 +285,29 @@ struct Notice {
     writer: Option<String>,
 }
 
-/// Forwards other replicas' changes until the receiver is dropped. A lost connection is
-/// reported as `Resync`, because notices sent meanwhile are gone.
+/// Forwards other replicas' changes until the receiver is dropped.
+///
+/// While the connection is down the cache is left alone: nobody can refresh without the
+/// database, so cached tokens stay valid, and GetAccessToken keeps serving them. Once a
+/// connection is back, `Resync` is sent first, because notices sent meanwhile are gone.
 async fn listen(pool: PgPool, own_writer: String, sender: mpsc::Sender<StoreEvent>) {
     let mut listener = loop {
         match start_listener(&pool).await {
             Ok(listener) => break listener,
             Err(error) => {
                 warn!(%error, "listening for token set changes failed; retrying in 1 s");
-                if sender.send(StoreEvent::Resync).await.is_err() {
-                    return;
-                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     };
 
+    let mut missed = false;
     loop {
         let event = match listener.try_recv().await {
             Ok(Some(notification)) => {
+                if std::mem::take(&mut missed) && sender.send(StoreEvent::Resync).await.is_err() {
+                    return;
+                }
                 match serde_json::from_str::<Notice>(notification.payload()) {
                     Ok(notice) if notice.writer.as_deref() == Some(own_writer.as_str()) => continue,
                     Ok(notice) => StoreEvent::Changed {
@@ -319,14 +323,21 @@ async fn listen(pool: PgPool, own_writer: String, sender: mpsc::Sender<StoreEven
                     }
                 }
             }
+            // sqlx has reconnected by the time it reports the loss.
             Ok(None) => {
-                warn!("the connection for token set changes was lost; dropping every cached token");
+                warn!(
+                    "the connection for token set changes was lost and is back; dropping every cached token"
+                );
+                missed = false;
                 StoreEvent::Resync
             }
             Err(error) => {
-                warn!(%error, "receiving token set changes failed; retrying in 1 s");
+                if !missed {
+                    warn!(%error, "receiving token set changes failed; retrying every second");
+                }
+                missed = true;
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                StoreEvent::Resync
+                continue;
             }
         };
         if sender.send(event).await.is_err() {

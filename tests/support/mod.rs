@@ -5,7 +5,6 @@
 
 use std::{
     future::Future,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -20,6 +19,81 @@ use tokend::{
 use tonic::transport::Channel;
 
 pub type Client = TokenServiceClient<Channel>;
+
+/// Environment variable naming a PostgreSQL database in which each test creates a
+/// schema of its own.
+pub const POSTGRES_URL_VARIABLE: &str = "TOKEND_TEST_POSTGRES_URL";
+
+/// The store a test runs against.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    /// The URL of a database in which the test may create schemas.
+    Postgres(String),
+}
+
+impl Backend {
+    /// Returns the PostgreSQL backend, or `None` (with a note on stderr) when the
+    /// variable is unset outside CI. In CI a missing variable fails the test.
+    pub fn postgres() -> Option<Backend> {
+        match std::env::var(POSTGRES_URL_VARIABLE) {
+            Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
+            _ if std::env::var("CI").is_ok_and(|value| value == "true") => {
+                panic!("{POSTGRES_URL_VARIABLE} must be set when CI=true")
+            }
+            _ => {
+                eprintln!("skipped: set {POSTGRES_URL_VARIABLE} to run the PostgreSQL variant");
+                None
+            }
+        }
+    }
+
+    /// Returns a database URL for a fresh, empty store of this backend, with a SQLite
+    /// file under `dir`.
+    pub async fn fresh_database(&self, dir: &std::path::Path) -> String {
+        match self {
+            Backend::Sqlite => format!("sqlite://{}", dir.join("tokend.db").display()),
+            Backend::Postgres(url) => {
+                let schema = format!("test_{:016x}", rand::random::<u64>());
+                let pool = sqlx::PgPool::connect(url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                let separator = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{separator}options=-c%20search_path%3D{schema}")
+            }
+        }
+    }
+}
+
+/// Generates, for each named `async fn name(backend: Backend)`, a test `sqlite::name`
+/// and a test `postgres::name`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::support::Backend::Sqlite).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    if let Some(backend) = super::support::Backend::postgres() {
+                        super::$name(backend).await;
+                    }
+                }
+            )*
+        }
+    };
+}
 
 /// How a test environment is built.
 #[derive(Debug, Clone)]
@@ -45,22 +119,29 @@ pub struct TestEnv {
     pub emulator: Emulator,
     pub daemon: Option<Daemon>,
     pub client: Client,
-    pub database: PathBuf,
+    pub database_url: String,
+    pub backend: Backend,
     options: Options,
     _dir: TempDir,
 }
 
 impl TestEnv {
+    /// Starts on a fresh SQLite file.
     pub async fn start(options: Options) -> TestEnv {
+        Self::start_on(&Backend::Sqlite, options).await
+    }
+
+    /// Starts on a fresh store of `backend`.
+    pub async fn start_on(backend: &Backend, options: Options) -> TestEnv {
         let dir = tempfile::tempdir().unwrap();
-        let database = dir.path().join("tokend.db");
+        let database_url = backend.fresh_database(dir.path()).await;
         let emulator = Emulator::start(EmulatorConfig {
             expires_in: options.expires_in,
             ..EmulatorConfig::default()
         })
         .await
         .unwrap();
-        let daemon = Daemon::start(&settings(&emulator, &database, &options))
+        let daemon = Daemon::start(&settings(&emulator, &database_url, &options))
             .await
             .unwrap();
         let client = connect(&daemon).await;
@@ -68,7 +149,8 @@ impl TestEnv {
             emulator,
             daemon: Some(daemon),
             client,
-            database,
+            database_url,
+            backend: backend.clone(),
             options,
             _dir: dir,
         }
@@ -77,11 +159,20 @@ impl TestEnv {
     /// Stops the daemon and starts a new one on the same database.
     pub async fn restart(&mut self) {
         self.daemon.take().unwrap().shutdown().await.unwrap();
-        let daemon = Daemon::start(&settings(&self.emulator, &self.database, &self.options))
+        let daemon = Daemon::start(&settings(&self.emulator, &self.database_url, &self.options))
             .await
             .unwrap();
         self.client = connect(&daemon).await;
         self.daemon = Some(daemon);
+    }
+
+    /// Returns the path of the SQLite file; panics on other backends.
+    pub fn sqlite_path(&self) -> std::path::PathBuf {
+        let path = self
+            .database_url
+            .strip_prefix("sqlite://")
+            .expect("the test runs on SQLite");
+        std::path::PathBuf::from(path)
     }
 
     pub fn daemon(&self) -> &Daemon {
@@ -127,12 +218,12 @@ impl TestEnv {
     }
 }
 
-fn settings(emulator: &Emulator, database: &std::path::Path, options: &Options) -> Settings {
+fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Settings {
     Settings {
         client_id: "sandbox-client".to_owned(),
         client_secret: SecretString::from("sandbox-secret"),
         tiki_graphql_url: emulator.graphql_url(),
-        database_url: format!("sqlite://{}", database.display()),
+        database_url: database_url.to_owned(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         refresh_before: options.refresh_before,
         http_timeout: options.http_timeout,
