@@ -23,6 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
+    #[command(after_help = SERVE_HELP)]
     Serve(ServeArgs),
     /// Exchange an auth code for a user's token set.
     Exchange {
@@ -36,7 +37,8 @@ pub enum Command {
     Token {
         #[command(flatten)]
         target: Target,
-        /// Seconds the token must stay valid; 0 means 60.
+        /// Seconds the token must stay valid; 0 means 60. Values above the token's
+        /// lifetime minus 60 s (at least half the lifetime) are capped to that.
         #[arg(long, default_value_t = 0)]
         min_valid: u32,
     },
@@ -57,14 +59,40 @@ pub struct ServeArgs {
     /// TOML settings file; TOKEND_* environment variables override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Run against an in-process Tiki emulator with short token lifetimes, on the
-    /// SQLite file tokend-sandbox.db, without real credentials.
+    /// Run against an in-process Tiki emulator with one-minute tokens, on a fresh
+    /// SQLite file tokend-sandbox.db, without real credentials. Only TOKEND_GRPC_ADDR
+    /// and TOKEND_LOG apply; the other settings are ignored.
     #[arg(long)]
     pub sandbox: bool,
     /// Address of the sandbox's Tiki emulator.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:50052",
+        requires = "sandbox"
+    )]
     pub emulator_addr: std::net::SocketAddr,
 }
+
+/// Settings help shown under `tokend serve --help`.
+const SERVE_HELP: &str = "\
+Settings come from the --config file and from these environment variables, which win:
+  TOKEND_CLIENT_ID            the Tini App's client key (required)
+  TOKEND_CLIENT_SECRET        the client secret, or
+  TOKEND_CLIENT_SECRET_FILE   a file holding it (required, one of the two)
+  TOKEND_TIKI_GRAPHQL_URL     Tiki's generation-1 endpoint
+  TOKEND_DATABASE_URL         sqlite://PATH (default sqlite://tokend.db) or postgres://...
+  TOKEND_GRPC_ADDR            listen address (default 127.0.0.1:50051)
+  TOKEND_REFRESH_BEFORE       seconds before expiry to refresh (default 300)
+  TOKEND_HTTP_TIMEOUT         seconds per request to Tiki (default 10)
+  TOKEND_REFRESH_CONCURRENCY  refreshes in flight at once (default 16)
+  TOKEND_CACHE_CAPACITY       token sets cached in memory (default 100000)
+  TOKEND_SHUTDOWN_GRACE       seconds to finish refreshes on shutdown (default 30)
+  TOKEND_REFRESH_LEASE        seconds a claim lasts (default 60)
+  TOKEND_REPLICA_ID           this replica's name (default HOST-PID)
+  TOKEND_LOG                  log filter (default info)
+The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.
+Invalid settings exit with code 78 before any port is bound.";
 
 /// The daemon and user a client subcommand addresses.
 #[derive(Debug, Args)]
@@ -89,6 +117,20 @@ pub async fn run_client(command: Command) -> ExitCode {
 }
 
 async fn call(command: Command) -> Result<(), String> {
+    let addr = match &command {
+        Command::Serve(_) => String::new(),
+        Command::Exchange { target, .. }
+        | Command::Token { target, .. }
+        | Command::Show { target }
+        | Command::Delete { target } => target.addr.clone(),
+    };
+    let status_message = |status: tonic::Status| {
+        format!(
+            "tokend at {addr} returned {:?}: {}",
+            status.code(),
+            status.message()
+        )
+    };
     match command {
         Command::Serve(_) => Err("serve is not a client subcommand".to_owned()),
         Command::Exchange { target, auth_code } => {
@@ -157,14 +199,16 @@ async fn connect(addr: &str) -> Result<TokenServiceClient<Channel>, String> {
         })
 }
 
-fn status_message(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
-}
-
 fn print_info(info: &proto::TokenSetInfo) {
+    // Print the status as the database stores it, e.g. `reauth_required`.
     let status = proto::TokenStatus::try_from(info.status)
-        .map(|status| status.as_str_name())
-        .unwrap_or("unknown");
+        .map(|status| {
+            status
+                .as_str_name()
+                .trim_start_matches("TOKEN_STATUS_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".to_owned());
     let time = |timestamp: &Option<prost_types::Timestamp>| {
         timestamp
             .as_ref()

@@ -106,9 +106,9 @@ impl TokenService for TokenGrpcService {
 /// their cause here and reach the caller without internal detail.
 fn to_status(error: TokenError) -> Status {
     match error {
-        TokenError::NotFound(user_id) => Status::not_found(format!(
-            "no token set is stored for user_id {user_id:?}; exchange an auth code first"
-        )),
+        TokenError::NotFound(user_id) => {
+            Status::not_found(format!("no token set is stored for user_id {user_id:?}"))
+        }
         TokenError::ReauthRequired(reason) => Status::failed_precondition(format!(
             "the user must consent again through my.getAuthCode: {reason}"
         )),

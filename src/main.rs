@@ -8,7 +8,7 @@ use tokend::{
     cli::{Cli, Command, run_client},
     sandbox,
     server::Daemon,
-    settings::Settings,
+    settings::{self, Settings},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -55,21 +55,37 @@ async fn main() -> ExitCode {
     report(daemon.run_until_signal().await)
 }
 
+/// Log filter used when TOKEND_LOG is unset; the cron crate's own start-up lines are
+/// noise at info level.
+const DEFAULT_LOG_FILTER: &str = "info,tokio_cron_scheduler=warn";
+
 fn init_logging() {
-    let filter = EnvFilter::try_from_env("TOKEND_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, invalid) = match std::env::var("TOKEND_LOG") {
+        Ok(text) => match EnvFilter::try_new(&text) {
+            Ok(filter) => (filter, None),
+            Err(error) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some((text, error))),
+        },
+        Err(_) => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some((text, error)) = invalid {
+        tracing::warn!(filter = %text, %error, "TOKEND_LOG is invalid; logging at the default level");
+    }
+    for name in settings::unknown_variables() {
+        tracing::warn!(variable = %name, "unknown TOKEND_ variable ignored; check its spelling");
+    }
 }
 
+/// Logs a fatal error once, through the logger that already writes to stderr.
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

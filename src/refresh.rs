@@ -114,11 +114,9 @@ impl RefreshPolicy {
             _ if set.outcome_unknown && error.reached_tiki() => reauth(format!(
                 "an earlier refresh got no answer (it timed out, or its replica stopped \
                  before committing), so Tiki may have rotated the refresh token, and the one \
-                 retry failed too ({error}); the user must consent again"
+                 retry failed too: {error}"
             )),
-            FailureClass::GrantRejected => reauth(format!(
-                "{error}; the user must consent again through my.getAuthCode"
-            )),
+            FailureClass::GrantRejected => reauth(error.to_string()),
             class => {
                 let wait = self
                     .backoff(failure_count, jitter)
@@ -281,7 +279,7 @@ mod tests {
         let record = policy.after_failure(&set, &error, at(100), 0.5);
         assert_eq!(record.status, TokenStatus::ReauthRequired);
         assert_eq!(record.next_refresh_at, None);
-        assert!(record.last_error.unwrap().contains("consent again"));
+        assert!(record.last_error.unwrap().contains("rejected the grant"));
     }
 
     #[test]

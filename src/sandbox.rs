@@ -2,7 +2,7 @@
 //! with one-minute tokens, so that a newcomer can watch exchanges and refreshes without
 //! Tiki credentials.
 
-use std::{fs, net::SocketAddr, time::Duration};
+use std::{fs, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use secrecy::SecretString;
@@ -12,6 +12,7 @@ use crate::{
     emulator::{Emulator, EmulatorConfig},
     server::Daemon,
     settings::Settings,
+    store::sqlite::lock_database,
 };
 
 /// The sandbox's database file, in the working directory.
@@ -23,7 +24,10 @@ pub const SANDBOX_EXPIRES_IN: u64 = 60;
 /// Runs the sandbox until SIGINT or SIGTERM.
 pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Result<()> {
     // The emulator keeps its token families in memory, so tokens stored by an earlier
-    // sandbox run would be unknown to it and fail their first refresh.
+    // sandbox run would be unknown to it and fail their first refresh. The database's
+    // lock is held while the files go, so that a running sandbox keeps its database.
+    let lock = lock_database(Path::new(SANDBOX_DATABASE))
+        .context("another sandbox seems to be running in this directory; stop it first")?;
     for suffix in ["", "-wal", "-shm"] {
         let path = format!("{SANDBOX_DATABASE}{suffix}");
         match fs::remove_file(&path) {
@@ -32,6 +36,7 @@ pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Re
             Err(error) => return Err(error).with_context(|| format!("removing {path} failed")),
         }
     }
+    drop(lock);
 
     let config = EmulatorConfig {
         expires_in: SANDBOX_EXPIRES_IN,
@@ -69,11 +74,14 @@ pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Re
 }
 
 fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
-    // `cargo run` sets CARGO for the program it runs.
+    // `cargo run` sets CARGO for the program it runs. Otherwise repeat the command as
+    // it was typed, which works whether or not tokend is on the PATH.
     let program = if std::env::var_os("CARGO").is_some() {
-        "cargo run -q --"
+        "cargo run -q --".to_owned()
     } else {
-        "tokend"
+        std::env::args()
+            .next()
+            .unwrap_or_else(|| "tokend".to_owned())
     };
     let addr = if grpc_addr.to_string() == crate::settings::DEFAULT_GRPC_ADDR {
         String::new()

@@ -32,9 +32,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Opens and migrates the database, binds the gRPC address and starts serving and
-    /// refreshing. Port 0 binds a free port, which [`Daemon::grpc_addr`] returns.
+    /// Binds the gRPC address, opens and migrates the database, and starts serving and
+    /// refreshing. Binding first means a taken port fails before anything is written.
+    /// Port 0 binds a free port, which [`Daemon::grpc_addr`] returns.
     pub async fn start(settings: &Settings) -> anyhow::Result<Daemon> {
+        let listener = TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the gRPC address {} failed; set TOKEND_GRPC_ADDR to a free address",
+                    settings.grpc_addr
+                )
+            })?;
+        let grpc_addr = listener.local_addr()?;
         let store = store::connect(&settings.database_url).await?;
         info!(database_url = %store::redact_url(&settings.database_url), "database ready");
 
@@ -59,16 +69,6 @@ impl Daemon {
                 lease: settings.refresh_lease,
             },
         ));
-
-        let listener = TcpListener::bind(settings.grpc_addr)
-            .await
-            .with_context(|| {
-                format!(
-                    "binding the gRPC address {} failed; set TOKEND_GRPC_ADDR to a free address",
-                    settings.grpc_addr
-                )
-            })?;
-        let grpc_addr = listener.local_addr()?;
 
         let shutdown = CancellationToken::new();
         let scheduler_stats = Arc::new(SchedulerStats::default());

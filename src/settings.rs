@@ -55,7 +55,7 @@ pub enum SettingsError {
     ParseFile { path: String, message: String },
     #[error("missing setting {key}: {hint}")]
     Missing { key: &'static str, hint: String },
-    #[error("invalid setting {key}: {message}")]
+    #[error("invalid setting {key} ({variable}): {message}", variable = variable_name(key))]
     Invalid { key: &'static str, message: String },
 }
 
@@ -107,7 +107,7 @@ fn read_file(path: &Path) -> Result<RawSettings, SettingsError> {
     })?;
     toml::from_str(&text).map_err(|error| SettingsError::ParseFile {
         path: path.display().to_string(),
-        message: error.message().to_owned(),
+        message: error.to_string().trim_end().to_owned(),
     })
 }
 
@@ -116,26 +116,28 @@ impl RawSettings {
         let text = |name: &str| env(name).filter(|value| !value.is_empty());
         let number = |key: &'static str, name: &str| -> Result<Option<u64>, SettingsError> {
             text(name)
-                .map(|value| {
-                    value
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| SettingsError::Invalid {
-                            key,
-                            message: format!("{name}={value:?} is not a whole number"),
-                        })
-                })
+                .map(|value| parse_number(key, &value))
                 .transpose()
         };
 
         if let Some(value) = text("TOKEND_CLIENT_ID") {
             self.client_id = Some(value);
         }
-        if let Some(value) = text("TOKEND_CLIENT_SECRET") {
+        let secret = text("TOKEND_CLIENT_SECRET");
+        let secret_file = text("TOKEND_CLIENT_SECRET_FILE");
+        if secret.is_some() && secret_file.is_some() {
+            return Err(SettingsError::Invalid {
+                key: "client_secret",
+                message: "TOKEND_CLIENT_SECRET and TOKEND_CLIENT_SECRET_FILE are both set; \
+                          unset one of them"
+                    .to_owned(),
+            });
+        }
+        if let Some(value) = secret {
             self.client_secret = Some(value);
             self.client_secret_file = None;
         }
-        if let Some(value) = text("TOKEND_CLIENT_SECRET_FILE") {
+        if let Some(value) = secret_file {
             self.client_secret_file = Some(value);
             self.client_secret = None;
         }
@@ -346,6 +348,51 @@ fn default_replica_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// The environment variable that sets the file key `key`.
+pub fn variable_name(key: &str) -> String {
+    format!("TOKEND_{}", key.to_ascii_uppercase())
+}
+
+/// Every environment variable the daemon reads, for spotting misspelled ones.
+pub const VARIABLES: &[&str] = &[
+    "TOKEND_CLIENT_ID",
+    "TOKEND_CLIENT_SECRET",
+    "TOKEND_CLIENT_SECRET_FILE",
+    "TOKEND_TIKI_GRAPHQL_URL",
+    "TOKEND_DATABASE_URL",
+    "TOKEND_GRPC_ADDR",
+    "TOKEND_REFRESH_BEFORE",
+    "TOKEND_HTTP_TIMEOUT",
+    "TOKEND_REFRESH_CONCURRENCY",
+    "TOKEND_CACHE_CAPACITY",
+    "TOKEND_SHUTDOWN_GRACE",
+    "TOKEND_REFRESH_LEASE",
+    "TOKEND_REPLICA_ID",
+    "TOKEND_LOG",
+];
+
+/// Returns the `TOKEND_*` variables in the environment that the daemon does not read.
+pub fn unknown_variables() -> Vec<String> {
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with("TOKEND_") && !name.starts_with("TOKEND_TEST_"))
+        .filter(|name| !VARIABLES.contains(&name.as_str()))
+        .collect()
+}
+
+fn parse_number(key: &'static str, value: &str) -> Result<u64, SettingsError> {
+    let name = variable_name(key);
+    let message = match value.trim().parse::<i128>() {
+        Ok(number) if number < 0 => format!("{name}={value:?} must not be negative"),
+        Ok(number) => match u64::try_from(number) {
+            Ok(number) => return Ok(number),
+            Err(_) => format!("{name}={value:?} is too large"),
+        },
+        Err(_) => format!("{name}={value:?} is not a whole number"),
+    };
+    Err(SettingsError::Invalid { key, message })
+}
+
 fn bounded(
     key: &'static str,
     value: Option<u64>,
@@ -470,6 +517,9 @@ mod tests {
         ];
         for (name, value, key) in cases {
             let mut vars = CREDENTIALS.to_vec();
+            if name == "TOKEND_CLIENT_SECRET_FILE" {
+                vars.retain(|(existing, _)| *existing != "TOKEND_CLIENT_SECRET");
+            }
             vars.push((name, value));
             let error = load(None, &vars).unwrap_err().to_string();
             assert!(error.contains(key), "{name}={value}: {error}");
@@ -486,6 +536,38 @@ mod tests {
         vars.push(("TOKEND_DATABASE_URL", "mysql://user:hunter2@db/x"));
         let error = load(None, &vars).unwrap_err().to_string();
         assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn number_errors_say_what_is_wrong() {
+        let cases = [
+            ("-1", "negative"),
+            ("99999999999999999999999", "too large"),
+            ("5m", "not a whole number"),
+            ("0", "range 1 to 86400"),
+        ];
+        for (value, expected) in cases {
+            let mut vars = CREDENTIALS.to_vec();
+            vars.push(("TOKEND_REFRESH_BEFORE", value));
+            let error = load(None, &vars).unwrap_err().to_string();
+            assert!(error.contains(expected), "{value}: {error}");
+            assert!(error.contains("TOKEND_REFRESH_BEFORE"), "{value}: {error}");
+        }
+    }
+
+    #[test]
+    fn both_secret_sources_are_rejected() {
+        let error = load(
+            None,
+            &[
+                ("TOKEND_CLIENT_ID", "c"),
+                ("TOKEND_CLIENT_SECRET", "s"),
+                ("TOKEND_CLIENT_SECRET_FILE", "/etc/secret"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("both set"), "{error}");
     }
 
     #[test]

@@ -159,13 +159,15 @@ pub enum StoreEvent {
 /// A failed storage operation.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("opening the database {url} failed: {source}")]
+    #[error(
+        "opening the database {url} failed; check database_url (TOKEND_DATABASE_URL): {source}"
+    )]
     Open {
         url: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("locking {path} failed: {reason}")]
+    #[error("locking {path} failed: {reason}; check database_url (TOKEND_DATABASE_URL)")]
     Lock { path: String, reason: String },
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -40,6 +40,7 @@ use crate::{
     refresh::{self, RefreshPolicy, chrono_duration},
     store::{
         Claim, NewTokens, StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore,
+        format_time,
     },
     tiki::{FailureClass, Grant, TikiError, TokenApi},
 };
@@ -210,7 +211,7 @@ impl TokenManager {
         if set.refresh_token.is_none() {
             warn!(app = %key.app, user_id = %key.user_id, "Tiki issued no refresh token; the user did not grant the offline scope, so the token set expires without refresh");
         }
-        info!(app = %key.app, user_id = %key.user_id, expires_at = %set.expires_at, "token set stored");
+        info!(app = %key.app, user_id = %key.user_id, expires_at = %format_time(set.expires_at), "token set stored");
         Ok(set)
     }
 
@@ -513,7 +514,7 @@ impl TokenManager {
         };
 
         self.cache.put(&stored);
-        info!(app = %key.app, user_id = %key.user_id, expires_at = %stored.expires_at, next_refresh_at = ?stored.next_refresh_at, "token set refreshed");
+        info!(app = %key.app, user_id = %key.user_id, expires_at = %format_time(stored.expires_at), next_refresh_at = %optional_time(stored.next_refresh_at), "token set refreshed");
         Ok(Attempt::Refreshed(stored))
     }
 
@@ -541,7 +542,7 @@ impl TokenManager {
                 warn!(app = %key.app, user_id = %key.user_id, %error, "refresh failed; the user must consent again");
             }
             _ => {
-                warn!(app = %key.app, user_id = %key.user_id, %error, failure_count = record.failure_count, next_refresh_at = ?record.next_refresh_at, "refresh failed; will retry");
+                warn!(app = %key.app, user_id = %key.user_id, %error, failure_count = record.failure_count, next_refresh_at = %optional_time(record.next_refresh_at), "refresh failed; will retry");
             }
         }
 
@@ -585,6 +586,11 @@ fn serve_after_wait(set: &TokenSet, required: chrono::Duration) -> Result<Served
             set.last_error.as_deref().unwrap_or("no detail")
         ))
     })
+}
+
+/// Formats an optional time for a log field.
+fn optional_time(time: Option<DateTime<Utc>>) -> String {
+    time.map_or_else(|| "none".to_owned(), format_time)
 }
 
 fn reauth_reason(set: &TokenSet) -> String {

@@ -247,7 +247,7 @@ async fn revoked_grant_requires_reauth(backend: Backend) {
     .await;
     let info = env.token_set("alice").await;
     assert!(
-        info.last_error.contains("consent again"),
+        info.last_error.contains("rejected the grant"),
         "last_error: {}",
         info.last_error
     );

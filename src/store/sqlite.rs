@@ -302,7 +302,8 @@ impl TokenStore for SqliteStore {
 }
 
 /// Takes an exclusive lock on `database.lock` so that only one process uses the file.
-fn lock_database(database: &Path) -> Result<File, StoreError> {
+/// The lock lasts until the returned file is dropped.
+pub fn lock_database(database: &Path) -> Result<File, StoreError> {
     let mut name = database.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
