@@ -15,14 +15,12 @@
 //!   store events) on another replica, so that callers wait for the new token instead
 //!   of receiving one that Tiki is about to revoke.
 
+mod attempt;
 mod cache;
 mod locks;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
+    sync::{Arc, atomic::AtomicI64},
     time::Duration,
 };
 
@@ -39,10 +37,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     refresh::{self, RefreshPolicy, chrono_duration},
     store::{
-        Claim, NewTokens, StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore,
+        NewTokens, StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore,
         format_time,
     },
-    tiki::{FailureClass, Grant, TikiError, TokenApi},
+    tiki::{FailureClass, TikiError, TokenApi},
 };
 
 /// Wait before the first repeated commit; it doubles with each further attempt, up to
@@ -405,157 +403,6 @@ impl TokenManager {
         }
         info!(app = %key.app, user_id = %key.user_id, "token set deleted");
         Ok(())
-    }
-
-    /// Runs [`TokenManager::attempt_refresh`] in its own task, so that a caller that gives
-    /// up (a gRPC deadline, say) cannot stop a refresh between Tiki's rotation of the
-    /// refresh token and the commit of the new one.
-    async fn spawn_refresh(self: &Arc<Self>, set: TokenSet) -> Result<Attempt, TokenError> {
-        let manager = Arc::clone(self);
-        let key = set.key.clone();
-        tokio::spawn(async move { manager.attempt_refresh(set).await })
-            .await
-            .unwrap_or_else(|error| {
-                error!(app = %key.app, user_id = %key.user_id, %error, "a refresh task failed");
-                Err(TokenError::Unavailable(
-                    "the refresh failed unexpectedly".to_owned(),
-                ))
-            })
-    }
-
-    /// Returns the error to record instead of calling Tiki while Tiki's last answer
-    /// rejected tokend's credentials, so that callers cannot flood Tiki with requests
-    /// it will reject.
-    fn credentials_blocked(&self, now: DateTime<Utc>) -> Option<TikiError> {
-        let until = self.credentials_blocked_until.load(Ordering::Relaxed);
-        (now.timestamp_millis() < until).then(|| {
-            TikiError::CredentialsRejected(
-                "an earlier request was rejected; no request is sent until the retry time"
-                    .to_owned(),
-            )
-        })
-    }
-
-    /// Refreshes `set` once under the claim it carries and stores the outcome.
-    async fn attempt_refresh(&self, set: TokenSet) -> Result<Attempt, TokenError> {
-        let Some(claim_token) = set.claim_token else {
-            return Err(TokenError::Unavailable(
-                "the token set was not claimed for a refresh".to_owned(),
-            ));
-        };
-        let Some(refresh_token) = set.refresh_token.clone() else {
-            self.store.release(&set.key, claim_token).await?;
-            return Err(TokenError::ReauthRequired(
-                "no refresh token is stored".to_owned(),
-            ));
-        };
-        self.cache.remove(&set.key);
-        let sent_at = Utc::now();
-        match self.tiki.refresh(&refresh_token).await {
-            Ok(grant) => self.commit_refresh(&set, claim_token, grant, sent_at).await,
-            Err(error) => self.record_failure(set, claim_token, error).await,
-        }
-    }
-
-    fn new_claim(&self) -> Claim {
-        Claim {
-            owner: self.replica_id.clone(),
-            token: rand::random::<i64>(),
-            until: Utc::now() + self.lease,
-        }
-    }
-
-    async fn commit_refresh(
-        &self,
-        set: &TokenSet,
-        claim_token: i64,
-        grant: Grant,
-        sent_at: DateTime<Utc>,
-    ) -> Result<Attempt, TokenError> {
-        let key = &set.key;
-        let (expires_at, next_refresh_at) =
-            self.policy
-                .schedule(sent_at, grant.expires_in, rand::random::<f64>());
-        let tokens = NewTokens {
-            access_token: &grant.access_token,
-            refresh_token: grant.refresh_token.as_ref(),
-            scopes: &grant.scopes,
-            lifetime_seconds: grant.expires_in,
-            expires_at,
-            next_refresh_at: Some(next_refresh_at),
-        };
-
-        // Tiki has rotated the refresh token, so these tokens exist nowhere else: keep
-        // retrying the write, never the refresh, until it lands or the claim is lost.
-        let mut delay = COMMIT_RETRY_DELAY;
-        let mut attempt: u64 = 1;
-        let stored = loop {
-            let written = self
-                .store
-                .store_refreshed(key, claim_token, &tokens, &self.replica_id, Utc::now())
-                .await;
-            match written {
-                Ok(stored) => break stored,
-                Err(error) => {
-                    if attempt <= 3 || attempt.is_multiple_of(10) {
-                        warn!(app = %key.app, user_id = %key.user_id, %error, attempt, "storing refreshed tokens failed; retrying the write");
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_COMMIT_RETRY_DELAY);
-                    attempt += 1;
-                }
-            }
-        };
-        let Some(stored) = stored else {
-            error!(app = %key.app, user_id = %key.user_id, "the claim ended before the refreshed tokens were stored, because the token set was replaced, deleted or claimed after the lease ran out; the new tokens were discarded");
-            return Err(TokenError::Unavailable(
-                "the token set changed while it was being refreshed; retry the call".to_owned(),
-            ));
-        };
-
-        self.cache.put(&stored);
-        info!(app = %key.app, user_id = %key.user_id, expires_at = %format_time(stored.expires_at), next_refresh_at = %optional_time(stored.next_refresh_at), "token set refreshed");
-        Ok(Attempt::Refreshed(stored))
-    }
-
-    async fn record_failure(
-        &self,
-        set: TokenSet,
-        claim_token: i64,
-        error: TikiError,
-    ) -> Result<Attempt, TokenError> {
-        let key = &set.key;
-        let now = Utc::now();
-        let record = self
-            .policy
-            .after_failure(&set, &error, now, rand::random::<f64>());
-        if error.class() == FailureClass::CredentialsRejected {
-            let until = now + chrono_duration(self.policy.credentials_retry);
-            self.credentials_blocked_until
-                .fetch_max(until.timestamp_millis(), Ordering::Relaxed);
-        }
-        match (error.class(), record.status) {
-            (FailureClass::CredentialsRejected, _) => {
-                error!(app = %key.app, user_id = %key.user_id, %error, "Tiki rejected tokend's client credentials; fix client_id and client_secret");
-            }
-            (_, TokenStatus::ReauthRequired) => {
-                warn!(app = %key.app, user_id = %key.user_id, %error, "refresh failed; the user must consent again");
-            }
-            _ => {
-                warn!(app = %key.app, user_id = %key.user_id, %error, failure_count = record.failure_count, next_refresh_at = %optional_time(record.next_refresh_at), "refresh failed; will retry");
-            }
-        }
-
-        let Some(stored) = self
-            .store
-            .store_failure(key, claim_token, &record, &self.replica_id, now)
-            .await?
-        else {
-            warn!(app = %key.app, user_id = %key.user_id, "the claim ended before the failed refresh was recorded");
-            return Err(TokenError::Unavailable(error.to_string()));
-        };
-        self.cache.put(&stored);
-        Ok(Attempt::Failed(stored, error))
     }
 }
 
