@@ -2,7 +2,7 @@
 //! down in order: stop accepting calls and starting refreshes, let calls and refreshes
 //! in flight finish within the grace period, then close the database.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -21,6 +21,9 @@ use crate::{
     tiki::graphql::GraphqlClient,
     tokens::{ManagerSettings, TokenManager},
 };
+
+/// How long shutdown waits for the database connections to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running daemon.
 #[derive(Debug)]
@@ -101,7 +104,12 @@ impl Daemon {
             }
             let scheduled = scheduler_task.await;
             events_task.abort();
-            store.close().await;
+            if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
+                .await
+                .is_err()
+            {
+                warn!(timeout = ?CLOSE_TIMEOUT, "closing the database timed out; exiting anyway");
+            }
             served.context("gRPC server failed")?;
             scheduled.context("refresh scheduler panicked")??;
             info!("tokend stopped");

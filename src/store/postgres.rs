@@ -4,7 +4,11 @@
 //! change on the channel `tokend_token_sets`, which [`PostgresStore::subscribe`] turns
 //! into events for the token cache.
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,7 +18,7 @@ use sqlx::{
     Row,
     postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow},
 };
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, warn};
 
 use super::{
@@ -46,6 +50,9 @@ macro_rules! columns {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Change listeners, stopped by `close` because each holds a pooled connection
+    /// that closing the pool would otherwise wait for.
+    listeners: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl PostgresStore {
@@ -64,7 +71,10 @@ impl PostgresStore {
             .await
             .map_err(open_error)?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore {
+            pool,
+            listeners: Arc::default(),
+        })
     }
 
     async fn fetch_optional(
@@ -73,6 +83,14 @@ impl PostgresStore {
     ) -> Result<Option<TokenSet>, StoreError> {
         let row = query.fetch_optional(&self.pool).await?;
         row.map(|row| read_row(&row)).transpose()
+    }
+}
+
+impl PostgresStore {
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -267,11 +285,15 @@ impl TokenStore for PostgresStore {
 
     fn subscribe(&self, own_writer: &str) -> Option<mpsc::Receiver<StoreEvent>> {
         let (sender, receiver) = mpsc::channel(EVENT_BUFFER);
-        tokio::spawn(listen(self.pool.clone(), own_writer.to_owned(), sender));
+        let listener = tokio::spawn(listen(self.pool.clone(), own_writer.to_owned(), sender));
+        self.lock_listeners().push(listener);
         Some(receiver)
     }
 
     async fn close(&self) {
+        for listener in self.lock_listeners().drain(..) {
+            listener.abort();
+        }
         self.pool.close().await;
     }
 }
@@ -303,7 +325,11 @@ async fn listen(pool: PgPool, own_writer: String, sender: mpsc::Sender<StoreEven
 
     let mut missed = false;
     loop {
-        let event = match listener.try_recv().await {
+        let received = tokio::select! {
+            () = sender.closed() => return,
+            received = listener.try_recv() => received,
+        };
+        let event = match received {
             Ok(Some(notification)) => {
                 if std::mem::take(&mut missed) && sender.send(StoreEvent::Resync).await.is_err() {
                     return;
