@@ -3,7 +3,9 @@
 //! A tokio-cron-scheduler job fires every second and wakes the driver loop through a
 //! `Notify`. Each wake-up runs one pass: it claims the token sets whose
 //! `next_refresh_at` has passed, up to the free share of a fixed concurrency limit, and
-//! starts a refresh for each. A claimed token set is invisible to other passes and
+//! starts a refresh for each. When a pass fills every slot, the next one starts as soon
+//! as a slot frees up, so throughput is bounded by the concurrency over Tiki's latency
+//! rather than by one batch a second. A claimed token set is invisible to other passes and
 //! replicas until its refresh ends or its lease runs out. Refreshes run as tasks, so a
 //! slow one never delays the next pass.
 //!
@@ -101,6 +103,8 @@ pub struct Scheduler {
     stats: Arc<SchedulerStats>,
     permits: Arc<Semaphore>,
     tasks: JoinSet<()>,
+    /// Notified whenever a refresh ends and frees its slot.
+    finished: Arc<Notify>,
     /// Whether the last pass failed to claim, so that an outage logs once, not per tick.
     claim_failing: bool,
 }
@@ -113,6 +117,7 @@ impl Scheduler {
             stats,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             tasks: JoinSet::new(),
+            finished: Arc::new(Notify::new()),
             claim_failing: false,
         }
     }
@@ -128,12 +133,17 @@ impl Scheduler {
         let mut cron = start_cron(wake.clone(), self.stats.clone()).await?;
         info!(tick = ?TICK, "refresh scheduler started");
 
+        let mut backlog = false;
         loop {
             let cron_ticks_before = self.stats.cron_ticks();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 () = wake.notified() => {}
+                // With more due than slots, claim again as soon as a slot frees up
+                // rather than on the next tick, so throughput is not capped at one
+                // batch a second.
+                () = self.finished.notified(), if backlog => {}
                 () = tokio::time::sleep(BACKSTOP) => {
                     self.stats.backstop_passes.fetch_add(1, Ordering::Relaxed);
                     if self.stats.cron_ticks() == cron_ticks_before {
@@ -142,7 +152,7 @@ impl Scheduler {
                 }
             }
             self.reap_finished();
-            self.pass().await;
+            backlog = self.pass().await;
         }
 
         if let Err(error) = cron.shutdown().await {
@@ -152,8 +162,9 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Claims due token sets and starts a refresh for each.
-    async fn pass(&mut self) {
+    /// Claims due token sets and starts a refresh for each. Returns whether every free
+    /// slot was filled, in which case more token sets may be due.
+    async fn pass(&mut self) -> bool {
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .last_pass_unix_ms
@@ -166,7 +177,7 @@ impl Scheduler {
         let free = self.permits.available_permits();
         if free == 0 {
             debug!("every refresh slot is busy; skipping this pass");
-            return;
+            return true;
         }
         let limit = u32::try_from(free).unwrap_or(u32::MAX);
         let claimed = match self.manager.claim_due(limit).await {
@@ -176,7 +187,7 @@ impl Scheduler {
                     warn!(%error, "claiming due token sets failed; retrying every tick");
                 }
                 self.claim_failing = true;
-                return;
+                return false;
             }
         };
         if std::mem::take(&mut self.claim_failing) {
@@ -184,17 +195,20 @@ impl Scheduler {
         }
 
         let started = claimed.len() as u64;
+        let saturated = claimed.len() >= free;
         for set in claimed {
             // Never fails: each pass claims at most as many token sets as permits are free.
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 break;
             };
             let manager = self.manager.clone();
+            let finished = self.finished.clone();
             let span = info_span!("refresh", app = %set.key.app, user_id = %set.key.user_id);
             self.tasks.spawn(
                 async move {
                     log_outcome(manager.refresh_claimed(set).await);
                     drop(permit);
+                    finished.notify_one();
                 }
                 .instrument(span),
             );
@@ -205,6 +219,7 @@ impl Scheduler {
         if started > 0 {
             debug!(started, "scheduled refreshes started");
         }
+        saturated
     }
 
     fn reap_finished(&mut self) {

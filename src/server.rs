@@ -70,6 +70,7 @@ impl Daemon {
                 cache_capacity: settings.cache_capacity,
                 replica_id: settings.replica_id.clone(),
                 lease: settings.refresh_lease,
+                claim_wait: settings.http_timeout,
             },
         ));
 

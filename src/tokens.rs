@@ -94,6 +94,9 @@ pub struct ManagerSettings {
     pub replica_id: String,
     /// How long a claim lasts; longer than a request to Tiki plus the commit.
     pub lease: Duration,
+    /// How long a caller with a valid stored token waits for another refresh of it,
+    /// at most; one request to Tiki.
+    pub claim_wait: Duration,
 }
 
 /// Exchanges, serves and refreshes token sets.
@@ -106,6 +109,7 @@ pub struct TokenManager {
     locks: KeyedLocks,
     replica_id: String,
     lease: chrono::Duration,
+    claim_wait: chrono::Duration,
     /// Unix milliseconds until which no refresh is sent, after Tiki rejected tokend's
     /// credentials.
     credentials_blocked_until: AtomicI64,
@@ -138,6 +142,7 @@ impl TokenManager {
             locks: KeyedLocks::default(),
             replica_id: settings.replica_id,
             lease: chrono_duration(settings.lease),
+            claim_wait: chrono_duration(settings.claim_wait),
             credentials_blocked_until: AtomicI64::new(0),
         }
     }
@@ -250,6 +255,19 @@ impl TokenManager {
         if set.status == TokenStatus::ReauthRequired {
             return Err(TokenError::ReauthRequired(reauth_reason(&set)));
         }
+        // A refresh in progress is about to make Tiki revoke the stored token, so wait
+        // for its result. While the stored token is valid, the wait is bounded by one
+        // request to Tiki, so that a dead replica's claim cannot stall callers.
+        if set.is_claimed(now) {
+            let limit = if set.servable_for(now) > chrono::Duration::zero() {
+                self.claim_wait
+            } else {
+                self.lease
+            };
+            debug!(app = %set.key.app, user_id = %set.key.user_id, "waiting for a refresh in progress");
+            let set = self.wait_for_claim(&set.key, limit).await?;
+            return serve_after_wait(&set, required);
+        }
         if set.servable_for(now) >= required {
             return Ok(ServedToken::from_set(&set));
         }
@@ -278,14 +296,9 @@ impl TokenManager {
         }
 
         let key = set.key.clone();
-        let claimed = if set.is_claimed(now) {
-            None
-        } else {
-            self.store.claim(&key, &self.new_claim(), now).await?
-        };
-        let Some(claimed) = claimed else {
-            debug!(app = %key.app, user_id = %key.user_id, "waiting for a refresh in progress");
-            let set = self.wait_for_claim(&key).await?;
+        let Some(claimed) = self.store.claim(&key, &self.new_claim(), now).await? else {
+            debug!(app = %key.app, user_id = %key.user_id, "waiting for a refresh that started meanwhile");
+            let set = self.wait_for_claim(&key, self.lease).await?;
             return serve_after_wait(&set, required);
         };
 
@@ -314,10 +327,14 @@ impl TokenManager {
         }
     }
 
-    /// Waits until nobody holds a claim on `key`, then returns the row. The wait ends
-    /// at the latest when the claim's lease would expire.
-    async fn wait_for_claim(&self, key: &TokenSetKey) -> Result<TokenSet, TokenError> {
-        let deadline = Utc::now() + self.lease;
+    /// Waits until nobody holds a claim on `key`, or at most `limit`, then returns the
+    /// row.
+    async fn wait_for_claim(
+        &self,
+        key: &TokenSetKey,
+        limit: chrono::Duration,
+    ) -> Result<TokenSet, TokenError> {
+        let deadline = Utc::now() + limit;
         loop {
             tokio::time::sleep(CLAIM_POLL_INTERVAL).await;
             let set = self

@@ -623,6 +623,51 @@ async fn many_writers_share_the_database(backend: Backend) {
     assert_eq!(env.emulator.stats().reuse_detections, 0);
 }
 
+async fn get_waits_for_refresh_in_progress(backend: Backend) {
+    // 20 s tokens: the scheduler refreshes 10 to 12 s after the exchange. The emulator
+    // holds that refresh for 3 s before rotating, and a caller asks meanwhile.
+    let mut env = TestEnv::start_on(
+        &backend,
+        Options {
+            expires_in: 20,
+            ..Options::default()
+        },
+    )
+    .await;
+    env.exchange("alice").await;
+    env.emulator
+        .inject(Fault::DelayBefore(Duration::from_secs(3)), Some(1));
+    wait_until(
+        "the scheduled refresh reached Tiki",
+        Duration::from_secs(20),
+        || {
+            let arrived = env.emulator.stats().faults_injected >= 1;
+            async move { arrived }
+        },
+    )
+    .await;
+
+    let token = env
+        .client
+        .get_access_token(proto::GetAccessTokenRequest {
+            user_id: "alice".to_owned(),
+            min_valid_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .access_token;
+    assert!(
+        env.emulator.stats().refreshes >= 1,
+        "the caller did not wait for the refresh"
+    );
+    assert!(
+        env.emulator.access_token_valid(&token),
+        "the token served during the refresh was revoked by it"
+    );
+    assert_eq!(env.emulator.stats().refresh_requests, 1);
+}
+
 backend_tests! {
     exchange_then_get_serves_valid_token,
     refresh_happens_ahead_of_expiry,
@@ -639,4 +684,5 @@ backend_tests! {
     scheduler_recovers_from_stall,
     timed_out_refresh_retried_once,
     many_writers_share_the_database,
+    get_waits_for_refresh_in_progress,
 }

@@ -133,6 +133,7 @@ async fn setup(cache_capacity: u64) -> Setup {
             cache_capacity,
             replica_id: "manager-test".to_owned(),
             lease: Duration::from_secs(30),
+            claim_wait: Duration::from_secs(5),
         },
     ));
     Setup {

@@ -26,7 +26,8 @@ use super::{
     TokenStore,
 };
 
-const MAX_CONNECTIONS: u32 = 16;
+/// Enough for the default 16 refreshes in flight plus gRPC reads and the listener.
+const MAX_CONNECTIONS: u32 = 32;
 
 /// How long a query waits for a pooled connection before failing, so that callers
 /// learn of an outage instead of hanging.
