@@ -197,7 +197,8 @@ impl Scheduler {
         let started = claimed.len() as u64;
         let saturated = claimed.len() >= free;
         for set in claimed {
-            // Never fails: each pass claims at most as many token sets as permits are free.
+            // Cannot fail: only this loop takes permits, and it claimed no more token sets
+            // than were free.
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 break;
             };

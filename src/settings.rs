@@ -348,7 +348,7 @@ fn default_replica_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// The environment variable that sets the file key `key`.
+/// Returns the environment variable that sets the file key `key`.
 pub fn variable_name(key: &str) -> String {
     format!("TOKEND_{}", key.to_ascii_uppercase())
 }

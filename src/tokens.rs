@@ -327,7 +327,7 @@ impl TokenManager {
         }
     }
 
-    /// Waits until nobody holds a claim on `key`, or at most `limit`, then returns the
+    /// Waits until no claim is held on `key`, or at most `limit`, then returns the
     /// row.
     async fn wait_for_claim(
         &self,

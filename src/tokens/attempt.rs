@@ -36,7 +36,7 @@ impl TokenManager {
             })
     }
 
-    /// Returns the error to record instead of calling Tiki while Tiki's last answer
+    /// Returns the error to record instead of calling Tiki while Tiki's last response
     /// rejected tokend's credentials, so that callers cannot flood Tiki with requests
     /// it will reject.
     pub(super) fn credentials_blocked(&self, now: DateTime<Utc>) -> Option<TikiError> {
