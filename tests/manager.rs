@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use tokend::{
-    emulator::{Emulator, EmulatorConfig},
+    emulator::{Emulator, EmulatorConfig, Fault},
     refresh::RefreshPolicy,
     store::{
         Claim, FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStore,
@@ -111,9 +111,18 @@ struct Setup {
 }
 
 async fn setup(cache_capacity: u64) -> Setup {
+    setup_with(
+        cache_capacity,
+        EmulatorConfig::default(),
+        RefreshPolicy::default(),
+    )
+    .await
+}
+
+async fn setup_with(cache_capacity: u64, config: EmulatorConfig, policy: RefreshPolicy) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("tokend.db").display());
-    let emulator = Emulator::start(EmulatorConfig::default()).await.unwrap();
+    let emulator = Emulator::start(config).await.unwrap();
     let store = Arc::new(CountingStore {
         inner: SqliteStore::connect(&url).await.unwrap(),
         reads: AtomicU64::new(0),
@@ -128,7 +137,7 @@ async fn setup(cache_capacity: u64) -> Setup {
     let manager = Arc::new(TokenManager::new(
         store.clone(),
         Arc::new(tiki),
-        RefreshPolicy::default(),
+        policy,
         ManagerSettings {
             cache_capacity,
             replica_id: "manager-test".to_owned(),
@@ -230,5 +239,66 @@ async fn reexchange_replaces_cached_token() {
         setup
             .emulator
             .access_token_valid(second.access_token.expose_secret())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_pause_ends_on_time() {
+    // 8 s tokens: GetAccessToken wants 4 s of validity, so after 4.2 s it refreshes on
+    // demand. Tiki rejects the credentials once, which pauses requests for 1 s.
+    let policy = RefreshPolicy {
+        credentials_retry: Duration::from_secs(1),
+        ..RefreshPolicy::default()
+    };
+    let config = EmulatorConfig {
+        expires_in: 8,
+        ..EmulatorConfig::default()
+    };
+    let setup = setup_with(100, config, policy).await;
+    exchange(&setup, "alice").await;
+    let key = TokenSetKey::new("alice");
+    tokio::time::sleep(Duration::from_millis(4200)).await;
+    setup.emulator.inject(
+        Fault::GraphqlError {
+            code: "invalid_signature".to_owned(),
+            message: "signature mismatch".to_owned(),
+        },
+        Some(1),
+    );
+
+    // A request that a fault answers counts only in faults_injected.
+    let asked = || {
+        let stats = setup.emulator.stats();
+        stats.refresh_requests + stats.faults_injected
+    };
+    let first = setup.manager.access_token(&key, 0).await.unwrap();
+    assert_eq!(asked(), 1);
+
+    // Calls during the pause serve the stored token without asking Tiki, and must not
+    // extend the pause: within 3 s a call asks Tiki again and gets a new token.
+    let mut asked_during_pause = false;
+    let mut refreshed = None;
+    for attempt in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let token = setup.manager.access_token(&key, 0).await.unwrap();
+        let requests = asked();
+        if attempt < 5 && requests > 1 {
+            asked_during_pause = true;
+        }
+        if requests > 1 {
+            refreshed = Some(token);
+            break;
+        }
+    }
+    assert!(
+        !asked_during_pause,
+        "Tiki was asked during the credentials pause"
+    );
+    let refreshed = refreshed.expect("the pause did not end within 3 s");
+    assert!(first.access_token.expose_secret() != refreshed.access_token.expose_secret());
+    assert!(
+        setup
+            .emulator
+            .access_token_valid(refreshed.access_token.expose_secret())
     );
 }

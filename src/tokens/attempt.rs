@@ -66,7 +66,16 @@ impl TokenManager {
         let sent_at = Utc::now();
         match self.tiki.refresh(&refresh_token).await {
             Ok(grant) => self.commit_refresh(&set, claim_token, grant, sent_at).await,
-            Err(error) => self.record_failure(set, claim_token, error).await,
+            Err(error) => {
+                // Only a rejection Tiki returned starts the pause; failures recorded
+                // during the pause must not extend it.
+                if error.class() == FailureClass::CredentialsRejected {
+                    let until = Utc::now() + chrono_duration(self.policy.credentials_retry);
+                    self.credentials_blocked_until
+                        .fetch_max(until.timestamp_millis(), Ordering::Relaxed);
+                }
+                self.record_failure(set, claim_token, error).await
+            }
         }
     }
 
@@ -142,11 +151,6 @@ impl TokenManager {
         let record = self
             .policy
             .after_failure(&set, &error, now, rand::random::<f64>());
-        if error.class() == FailureClass::CredentialsRejected {
-            let until = now + chrono_duration(self.policy.credentials_retry);
-            self.credentials_blocked_until
-                .fetch_max(until.timestamp_millis(), Ordering::Relaxed);
-        }
         match (error.class(), record.status) {
             (FailureClass::CredentialsRejected, _) => {
                 error!(app = %key.app, user_id = %key.user_id, %error, "Tiki rejected tokend's client credentials; fix client_id and client_secret");
