@@ -1,6 +1,7 @@
 //! Builds the daemon from its settings, serves gRPC and runs the scheduler, and shuts
 //! down in order: stop accepting calls and starting refreshes, let calls and refreshes
-//! in flight finish within the grace period, then close the database.
+//! in flight (scheduled, then on-demand ones whose caller left) finish within the grace
+//! period each, then close the database.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -89,12 +90,15 @@ impl Daemon {
         };
 
         let server = Server::builder()
-            .add_service(TokenServiceServer::new(TokenGrpcService::new(manager)))
+            .add_service(TokenServiceServer::new(TokenGrpcService::new(
+                manager.clone(),
+            )))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 shutdown.clone().cancelled_owned(),
             );
         let stop_scheduler = shutdown.clone();
+        let grace = settings.shutdown_grace;
         let task = tokio::spawn(async move {
             let served = server.await;
             if let Err(error) = &served {
@@ -104,6 +108,7 @@ impl Daemon {
                 stop_scheduler.cancel();
             }
             let scheduled = scheduler_task.await;
+            manager.drain_refreshes(grace).await;
             events_task.abort();
             if tokio::time::timeout(CLOSE_TIMEOUT, store.close())
                 .await

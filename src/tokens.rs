@@ -32,7 +32,7 @@ pub use cache::ServedToken;
 use cache::TokenCache;
 use locks::KeyedLocks;
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     refresh::{self, RefreshPolicy, chrono_duration},
@@ -110,6 +110,9 @@ pub struct TokenManager {
     replica_id: String,
     lease: chrono::Duration,
     claim_wait: chrono::Duration,
+    /// On-demand refreshes, tracked so that shutdown can wait for those whose caller
+    /// already left.
+    refreshes: TaskTracker,
     /// Unix milliseconds until which no refresh is sent, after Tiki rejected tokend's
     /// credentials.
     credentials_blocked_until: AtomicI64,
@@ -144,6 +147,7 @@ impl TokenManager {
             lease: chrono_duration(settings.lease),
             claim_wait: chrono_duration(settings.claim_wait),
             credentials_blocked_until: AtomicI64::new(0),
+            refreshes: TaskTracker::new(),
         }
     }
 
@@ -165,6 +169,29 @@ impl TokenManager {
                 Some(StoreEvent::Resync) => self.cache.clear(),
                 None => return,
             }
+        }
+    }
+
+    /// Waits up to `grace` for on-demand refreshes in flight, so that tokens Tiki has
+    /// already rotated get committed before the process exits.
+    pub async fn drain_refreshes(&self, grace: Duration) {
+        self.refreshes.close();
+        let in_flight = self.refreshes.len();
+        if in_flight > 0 {
+            info!(
+                in_flight,
+                ?grace,
+                "waiting for on-demand refreshes in flight"
+            );
+        }
+        if tokio::time::timeout(grace, self.refreshes.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                abandoned = self.refreshes.len(),
+                "on-demand refreshes still in flight after the grace period were abandoned"
+            );
         }
     }
 

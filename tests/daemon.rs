@@ -668,6 +668,46 @@ async fn get_waits_for_refresh_in_progress(backend: Backend) {
     assert_eq!(env.emulator.stats().refresh_requests, 1);
 }
 
+async fn shutdown_waits_for_orphaned_refresh(backend: Backend) {
+    // A caller gives up during an on-demand refresh that Tiki answers slowly, and the
+    // daemon is restarted at once. The refresh must still commit before shutdown ends,
+    // because Tiki has rotated the refresh token.
+    let mut env = TestEnv::start_on(
+        &backend,
+        Options {
+            expires_in: 6,
+            refresh_before: Duration::from_secs(1),
+            ..Options::default()
+        },
+    )
+    .await;
+    let info = env.exchange("alice").await;
+    let wait_ms = millis(&info.expires_at) - now_millis() - 2_500;
+    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+    env.emulator
+        .inject(Fault::DelayAfter(Duration::from_secs(2)), Some(1));
+
+    let mut request = tonic::Request::new(proto::GetAccessTokenRequest {
+        user_id: "alice".to_owned(),
+        min_valid_seconds: 0,
+    });
+    request.set_timeout(Duration::from_millis(300));
+    assert!(env.client.get_access_token(request).await.is_err());
+    env.restart().await;
+
+    let token = env.access_token("alice").await.unwrap().access_token;
+    assert!(
+        env.emulator.access_token_valid(&token),
+        "the served token is invalid"
+    );
+    let stats = env.emulator.stats();
+    assert_eq!(stats.reuse_detections, 0);
+    assert_eq!(
+        env.token_set("alice").await.status(),
+        proto::TokenStatus::Active
+    );
+}
+
 backend_tests! {
     exchange_then_get_serves_valid_token,
     refresh_happens_ahead_of_expiry,
@@ -685,4 +725,5 @@ backend_tests! {
     timed_out_refresh_retried_once,
     many_writers_share_the_database,
     get_waits_for_refresh_in_progress,
+    shutdown_waits_for_orphaned_refresh,
 }

@@ -26,7 +26,8 @@ impl TokenManager {
     ) -> Result<Attempt, TokenError> {
         let manager = Arc::clone(self);
         let key = set.key.clone();
-        tokio::spawn(async move { manager.attempt_refresh(set).await })
+        self.refreshes
+            .spawn(async move { manager.attempt_refresh(set).await })
             .await
             .unwrap_or_else(|error| {
                 error!(app = %key.app, user_id = %key.user_id, %error, "a refresh task failed");
