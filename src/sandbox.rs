@@ -101,7 +101,7 @@ fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
          \x20 {program} token{addr} --user-id alice\n\
          \x20 curl -s -H \"Authorization: Bearer $({program} token{addr} --user-id alice)\" http://{emulator_addr}/ecom/v1/customers/profile\n\
          \x20 {program} show{addr} --user-id alice\n\
-         \x20 sqlite3 {SANDBOX_DATABASE} 'select * from token_sets'\n\
+         \x20 sqlite3 -header -column {SANDBOX_DATABASE} 'select user_id, status, expires_at, next_refresh_at, refreshed_at from token_sets'\n\
          \x20 {program} delete{addr} --user-id alice\n\
          \n\
          This log shows \"token set refreshed\" about every 30 seconds, before each token expires.\n\

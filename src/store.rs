@@ -167,7 +167,7 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
-    #[error("locking {path} failed: {reason}; check database_url (TOKEND_DATABASE_URL)")]
+    #[error("locking {path} failed: {reason}")]
     Lock { path: String, reason: String },
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -314,7 +314,7 @@ pub fn lock_database(database: &Path) -> Result<File, StoreError> {
         .open(&path)
         .map_err(|source| StoreError::Lock {
             path: path.display().to_string(),
-            reason: source.to_string(),
+            reason: format!("{source}; check database_url (TOKEND_DATABASE_URL)"),
         })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
