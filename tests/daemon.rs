@@ -165,19 +165,12 @@ async fn server_errors_then_recovery(backend: Backend) {
     let original = env.access_token("alice").await.unwrap().access_token;
     env.emulator.inject(Fault::Status(503), None);
 
-    wait_until("refreshes failing", Duration::from_secs(10), || {
-        let mut client = env.client.clone();
-        async move {
-            let info = client
-                .get_token_set(proto::GetTokenSetRequest {
-                    user_id: "alice".to_owned(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            info.status() == proto::TokenStatus::RefreshFailing && info.failure_count >= 2
-        }
-    })
+    env.wait_for_token_set(
+        "alice",
+        "refreshes failing",
+        Duration::from_secs(10),
+        |info| info.status() == proto::TokenStatus::RefreshFailing && info.failure_count >= 2,
+    )
     .await;
     let failing = env.token_set("alice").await;
     assert!(
@@ -196,22 +189,11 @@ async fn server_errors_then_recovery(backend: Backend) {
     );
 
     env.emulator.clear_faults();
-    wait_until(
+    env.wait_for_token_set(
+        "alice",
         "the token set is active again",
         Duration::from_secs(10),
-        || {
-            let mut client = env.client.clone();
-            async move {
-                let info = client
-                    .get_token_set(proto::GetTokenSetRequest {
-                        user_id: "alice".to_owned(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                info.status() == proto::TokenStatus::Active
-            }
-        },
+        |info| info.status() == proto::TokenStatus::Active,
     )
     .await;
     let recovered = env.access_token("alice").await.unwrap().access_token;
@@ -231,18 +213,8 @@ async fn revoked_grant_requires_reauth(backend: Backend) {
     env.exchange("alice").await;
     env.emulator.revoke_customer("alice");
 
-    wait_until("reauth_required", Duration::from_secs(8), || {
-        let mut client = env.client.clone();
-        async move {
-            let info = client
-                .get_token_set(proto::GetTokenSetRequest {
-                    user_id: "alice".to_owned(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            info.status() == proto::TokenStatus::ReauthRequired
-        }
+    env.wait_for_token_set("alice", "reauth_required", Duration::from_secs(8), |info| {
+        info.status() == proto::TokenStatus::ReauthRequired
     })
     .await;
     let info = env.token_set("alice").await;
@@ -521,19 +493,12 @@ async fn timed_out_refresh_retried_once(backend: Backend) {
     env.emulator
         .inject(Fault::DelayAfter(Duration::from_secs(3)), Some(1));
 
-    wait_until("reauth_required", Duration::from_secs(15), || {
-        let mut client = env.client.clone();
-        async move {
-            let info = client
-                .get_token_set(proto::GetTokenSetRequest {
-                    user_id: "alice".to_owned(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            info.status() == proto::TokenStatus::ReauthRequired
-        }
-    })
+    env.wait_for_token_set(
+        "alice",
+        "reauth_required",
+        Duration::from_secs(15),
+        |info| info.status() == proto::TokenStatus::ReauthRequired,
+    )
     .await;
     let info = env.token_set("alice").await;
     assert!(

@@ -207,6 +207,29 @@ impl TestEnv {
             .map(tonic::Response::into_inner)
     }
 
+    /// Polls the metadata of `user_id`'s token set until `check` accepts it, and panics
+    /// naming `what` after `limit`.
+    pub async fn wait_for_token_set(
+        &self,
+        user_id: &str,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&proto::TokenSetInfo) -> bool,
+    ) {
+        let check = &check;
+        wait_until(what, limit, || {
+            let mut client = self.client.clone();
+            let request = proto::GetTokenSetRequest {
+                user_id: user_id.to_owned(),
+            };
+            async move {
+                let info = client.get_token_set(request).await.unwrap().into_inner();
+                check(&info)
+            }
+        })
+        .await;
+    }
+
     pub async fn token_set(&mut self, user_id: &str) -> proto::TokenSetInfo {
         self.client
             .get_token_set(proto::GetTokenSetRequest {
