@@ -102,7 +102,7 @@ impl TokenService for TokenGrpcService {
     }
 }
 
-/// Maps a domain error to the status a caller sees. Storage failures are logged with
+/// Maps a domain error to the status returned to the caller. Storage failures are logged with
 /// their cause here and reach the caller without internal detail.
 fn to_status(error: TokenError) -> Status {
     match error {

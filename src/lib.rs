@@ -1,7 +1,7 @@
 //! tokend keeps Tiki Tini App user tokens valid and serves them over gRPC.
 //!
 //! A request flows from [`grpc`] to the [`tokens`] manager, which reads the [`store`],
-//! calls Tiki through [`tiki`] when a refresh is needed, and commits before it answers.
+//! calls Tiki through [`tiki`] when a refresh is needed, and commits before it responds.
 //! The [`scheduler`] enters the manager like any other caller, following the timing
 //! rules in [`refresh`]. [`server`] wires these from the [`settings`]; [`emulator`] is a
 //! strict stand-in for Tiki used by the tests and by [`sandbox`] mode.

@@ -3,7 +3,7 @@
 //! token manager applies these decisions; randomness comes in as a `jitter` argument
 //! in `[0, 1)` so every rule is unit-tested.
 //!
-//! A refresh token whose last presentation got no answer (a timeout after the request
+//! A refresh token whose last presentation got no response (a timeout after the request
 //! was sent) may already have been rotated out by Tiki, and presenting a rotated-out
 //! token makes Tiki revoke the whole token family. Such a token is therefore presented
 //! at most once more: if that attempt reaches Tiki and fails too, the token set
@@ -33,7 +33,7 @@ pub struct RefreshPolicy {
     pub refresh_before: Duration,
     /// Backoff after the first transient failure; it doubles with each further one.
     pub backoff_initial: Duration,
-    /// Longest backoff after transient failures.
+    /// Maximum backoff after transient failures.
     pub backoff_max: Duration,
     /// Wait before retrying after Tiki rejected tokend's own credentials.
     pub credentials_retry: Duration,

@@ -81,7 +81,7 @@ pub struct TokenSet {
     /// Failed refresh attempts since the last success.
     pub failure_count: u32,
     pub last_error: Option<String>,
-    /// The stored refresh token was sent once and no answer arrived.
+    /// The stored refresh token was sent once and no response arrived.
     pub outcome_unknown: bool,
     /// Increases with every write that changes tokens or state, but not with claims.
     pub version: i64,
@@ -111,7 +111,7 @@ impl TokenSet {
         }
     }
 
-    /// Whether a replica holds an unexpired claim on this token set at `now`.
+    /// Returns whether a replica has an unexpired claim on this token set at `now`.
     pub fn is_claimed(&self, now: DateTime<Utc>) -> bool {
         self.claim_until.is_some_and(|until| until > now)
     }
@@ -206,7 +206,7 @@ pub trait TokenStore: Send + Sync + 'static {
     ) -> Result<TokenSet, StoreError>;
 
     /// Claims up to `limit` token sets whose next refresh is due at `now` and that
-    /// nobody holds, most overdue first.
+    /// are not claimed, most overdue first.
     async fn claim_due(
         &self,
         claim: &Claim,
@@ -214,7 +214,7 @@ pub trait TokenStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<TokenSet>, StoreError>;
 
-    /// Claims one token set, due or not, unless another unexpired claim holds it.
+    /// Claims one token set, due or not, unless another unexpired claim exists.
     async fn claim(
         &self,
         key: &TokenSetKey,

@@ -1,4 +1,4 @@
-//! What tokend asks of Tiki's platform API: exchange an auth code for a token set and
+//! The calls tokend makes to Tiki's platform API: exchange an auth code for a token set and
 //! refresh a token set. The refresher and the gRPC service use [`TokenApi`]; each
 //! protocol generation implements it in its own file.
 
@@ -15,7 +15,7 @@ use secrecy::SecretString;
 pub struct Grant {
     pub access_token: SecretString,
     /// Missing when the user did not grant the `offline` scope, or when a refresh
-    /// answer keeps the current refresh token.
+    /// response keeps the current refresh token.
     pub refresh_token: Option<SecretString>,
     /// Seconds the access token is valid, counted from when the request was sent.
     pub expires_in: u64,
@@ -34,7 +34,7 @@ pub enum FailureClass {
     /// The call may succeed later: connection error, 5xx, 429, an unreadable body, or an
     /// error of unknown meaning.
     Transient,
-    /// The request was sent but no answer arrived, so Tiki may have rotated the refresh
+    /// The request was sent but no response arrived, so Tiki may have rotated the refresh
     /// token.
     OutcomeUnknown,
 }
@@ -76,7 +76,7 @@ impl TikiError {
     }
 
     /// Whether Tiki may have processed the request. It cannot have when no connection
-    /// was made or when it answered 429.
+    /// was made or when it returned 429.
     pub fn reached_tiki(&self) -> bool {
         !matches!(
             self,

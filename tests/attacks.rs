@@ -8,7 +8,9 @@ use std::{path::Path, time::Duration};
 
 use secrecy::SecretString;
 use sqlx::{Row, sqlite::SqlitePoolOptions};
-use support::{Options, TestEnv, millis, now_millis, wait_until};
+use support::{
+    Options, TestEnv, millis, now_millis, on_demand_window, sleep_into_on_demand_window, wait_until,
+};
 use tokend::{
     emulator::{Emulator, EmulatorConfig, Fault},
     proto,
@@ -16,24 +18,6 @@ use tokend::{
     settings::Settings,
 };
 use tonic::Code;
-
-/// Six-second tokens with a one-second lead: the scheduler refreshes 1.0 to 1.2 s
-/// before expiry, while GetAccessToken refreshes on demand once less than 3 s remain.
-/// Between the two there is a window in which only an on-demand call refreshes.
-fn on_demand_window() -> Options {
-    Options {
-        expires_in: 6,
-        refresh_before: Duration::from_secs(1),
-        ..Options::default()
-    }
-}
-
-/// Sleeps until the token set whose access token expires at `expires_at` has about
-/// 2.5 s left, which is inside the on-demand window of [`on_demand_window`].
-async fn sleep_into_on_demand_window(expires_at: &Option<prost_types::Timestamp>) {
-    let wait_ms = millis(expires_at) - now_millis() - 2_500;
-    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
-}
 
 fn get_request(user_id: &str, min_valid_seconds: u32) -> proto::GetAccessTokenRequest {
     proto::GetAccessTokenRequest {
@@ -472,7 +456,7 @@ async fn refresh_failures_are_transient_and_recover() {
 /// After Tiki rejected tokend's credentials, GetAccessToken calls do not each send a
 /// refresh to Tiki: requests pause until the credentials retry time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rejected_credentials_do_not_make_every_call_hit_tiki() {
+async fn credentials_pause_limits_tiki_calls() {
     let mut env = TestEnv::start(on_demand_window()).await;
     let info = env.exchange("alice").await;
     sleep_into_on_demand_window(&info.expires_at).await;
@@ -526,7 +510,7 @@ async fn echoed_token_in_error_code_is_redacted() {
 /// refresh token is never presented. A trigger that aborts updates plays the
 /// failing disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn failed_commit_does_not_present_a_rotated_out_token() {
+async fn failed_commit_keeps_rotated_tokens() {
     let mut env = TestEnv::start(on_demand_window()).await;
     let info = env.exchange("alice").await;
     sleep_into_on_demand_window(&info.expires_at).await;

@@ -6,7 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Backend, Options, TestEnv, millis, now_millis, wait_until};
+use support::{
+    Backend, Options, TestEnv, millis, now_millis, on_demand_window, sleep_into_on_demand_window,
+    wait_until,
+};
 use tokend::{emulator::Fault, proto};
 use tonic::Code;
 
@@ -83,21 +86,11 @@ async fn refresh_happens_ahead_of_expiry(backend: Backend) {
 }
 
 async fn concurrent_gets_cause_one_refresh(backend: Backend) {
-    // A short lead keeps the scheduler away while the token is already due on demand:
-    // with a 6 s lifetime, GetAccessToken wants 3 s of validity, and the scheduler
-    // refreshes only 1.0 to 1.2 s before expiry.
-    let mut env = TestEnv::start_on(
-        &backend,
-        Options {
-            expires_in: 6,
-            refresh_before: Duration::from_secs(1),
-            ..Options::default()
-        },
-    )
-    .await;
+    // In the on-demand window the token is due for GetAccessToken but not yet for the
+    // scheduler, so every refresh here comes from the 50 calls.
+    let mut env = TestEnv::start_on(&backend, on_demand_window()).await;
     let info = env.exchange("alice").await;
-    let wait_ms = millis(&info.expires_at) - now_millis() - 2_500;
-    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+    sleep_into_on_demand_window(&info.expires_at).await;
     let before = env.emulator.stats().refresh_requests;
 
     let mut calls = tokio::task::JoinSet::new();
@@ -477,7 +470,7 @@ async fn scheduler_recovers_from_stall(backend: Backend) {
 }
 
 async fn timed_out_refresh_retried_once(backend: Backend) {
-    // Tiki rotates the token and then answers too late: the daemon cannot know the new
+    // Tiki rotates the token and then responds too late: the daemon cannot know the new
     // tokens, presents the old refresh token exactly once more, and Tiki's reuse
     // detection revokes the family, so the user must consent again.
     let mut env = TestEnv::start_on(
@@ -590,7 +583,7 @@ async fn many_writers_share_the_database(backend: Backend) {
 
 async fn get_waits_for_refresh_in_progress(backend: Backend) {
     // 20 s tokens: the scheduler refreshes 10 to 12 s after the exchange. The emulator
-    // holds that refresh for 3 s before rotating, and a caller asks meanwhile.
+    // delays that refresh by 3 s before rotating, and a caller requests a token meanwhile.
     let mut env = TestEnv::start_on(
         &backend,
         Options {
@@ -634,21 +627,12 @@ async fn get_waits_for_refresh_in_progress(backend: Backend) {
 }
 
 async fn shutdown_waits_for_orphaned_refresh(backend: Backend) {
-    // A caller gives up during an on-demand refresh that Tiki answers slowly, and the
+    // A caller gives up during an on-demand refresh that Tiki responds to slowly, and the
     // daemon is restarted at once. The refresh must still commit before shutdown ends,
     // because Tiki has rotated the refresh token.
-    let mut env = TestEnv::start_on(
-        &backend,
-        Options {
-            expires_in: 6,
-            refresh_before: Duration::from_secs(1),
-            ..Options::default()
-        },
-    )
-    .await;
+    let mut env = TestEnv::start_on(&backend, on_demand_window()).await;
     let info = env.exchange("alice").await;
-    let wait_ms = millis(&info.expires_at) - now_millis() - 2_500;
-    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+    sleep_into_on_demand_window(&info.expires_at).await;
     env.emulator
         .inject(Fault::DelayAfter(Duration::from_secs(2)), Some(1));
 

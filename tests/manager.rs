@@ -266,24 +266,24 @@ async fn credentials_pause_ends_on_time() {
         Some(1),
     );
 
-    // A request that a fault answers counts only in faults_injected.
-    let asked = || {
+    // A request that a fault intercepts counts only in faults_injected.
+    let requests_sent = || {
         let stats = setup.emulator.stats();
         stats.refresh_requests + stats.faults_injected
     };
     let first = setup.manager.access_token(&key, 0).await.unwrap();
-    assert_eq!(asked(), 1);
+    assert_eq!(requests_sent(), 1);
 
-    // Calls during the pause serve the stored token without asking Tiki, and must not
-    // extend the pause: within 3 s a call asks Tiki again and gets a new token.
-    let mut asked_during_pause = false;
+    // Calls during the pause serve the stored token without a request to Tiki, and must not
+    // extend the pause: within 3 s a call sends Tiki a request again and gets a new token.
+    let mut requested_during_pause = false;
     let mut refreshed = None;
     for attempt in 0..30 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let token = setup.manager.access_token(&key, 0).await.unwrap();
-        let requests = asked();
+        let requests = requests_sent();
         if attempt < 5 && requests > 1 {
-            asked_during_pause = true;
+            requested_during_pause = true;
         }
         if requests > 1 {
             refreshed = Some(token);
@@ -291,7 +291,7 @@ async fn credentials_pause_ends_on_time() {
         }
     }
     assert!(
-        !asked_during_pause,
+        !requested_during_pause,
         "Tiki was asked during the credentials pause"
     );
     let refreshed = refreshed.expect("the pause did not end within 3 s");

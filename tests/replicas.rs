@@ -43,7 +43,7 @@ const USERS: usize = 2000;
 /// token between 50% and 60% of its lifetime, so a refresh cycle takes 5 to 6 s.
 const LIFETIME_SECONDS: u64 = 10;
 /// Generous for the emulator's millisecond responses, so that a loaded machine does not
-/// turn slow answers into refreshes with an unknown outcome.
+/// turn slow responses into refreshes with an unknown outcome.
 const HTTP_TIMEOUT_SECONDS: u64 = 5;
 /// The shortest lease tokend accepts with a 5 s HTTP timeout. It outlasts a token, so
 /// the killed replica's claims end after the tokens they cover expired.

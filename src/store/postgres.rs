@@ -51,7 +51,7 @@ macro_rules! columns {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    /// Change listeners, stopped by `close` because each holds a pooled connection
+    /// Change listeners, stopped by `close` because each keeps a pooled connection
     /// that closing the pool would otherwise wait for.
     listeners: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -310,7 +310,7 @@ struct Notice {
 
 /// Forwards other replicas' changes until the receiver is dropped.
 ///
-/// While the connection is down the cache is left alone: nobody can refresh without the
+/// While the connection is down the cache is left alone: no replica can refresh without the
 /// database, so cached tokens stay valid, and GetAccessToken keeps serving them. Once a
 /// connection is back, `Resync` is sent first, because notices sent meanwhile are gone.
 async fn listen(pool: PgPool, own_writer: String, sender: mpsc::Sender<StoreEvent>) {

@@ -34,11 +34,11 @@ const CREDENTIALS_REJECTED_CODES: &[&str] = &[
     "invalid_timestamp",
 ];
 
-/// Longest `Retry-After` wait honoured, in seconds; longer values are capped so that a
+/// Maximum `Retry-After` wait honoured, in seconds; longer values are capped so that a
 /// bad header cannot stop refreshes for good.
 const MAX_RETRY_AFTER_SECONDS: u64 = 300;
 
-/// Longest token lifetime accepted, in seconds. Longer `expires_in` values are capped,
+/// Maximum token lifetime accepted, in seconds. Longer `expires_in` values are capped,
 /// which only makes tokend refresh earlier than needed.
 const MAX_EXPIRES_IN_SECONDS: u64 = 366 * 24 * 3600;
 

@@ -1,5 +1,5 @@
 //! A bounded in-memory cache of servable access tokens, so that a fresh enough token is
-//! answered without a database round trip. Entries are written only after the store
+//! served without a database round trip. Entries are written only after the store
 //! committed them, and an entry never replaces one with a higher row version, so the
 //! cache never serves a token older than the store's last write from this process.
 

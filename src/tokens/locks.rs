@@ -14,8 +14,8 @@ use crate::store::TokenSetKey;
 
 type Lock = Arc<AsyncMutex<()>>;
 
-/// A lock per token set, created on first use and dropped when nobody holds or waits
-/// for it.
+/// A lock per token set, created on first use and dropped when no caller has or awaits
+/// it.
 #[derive(Debug, Default, Clone)]
 pub struct KeyedLocks {
     locks: Arc<Mutex<HashMap<TokenSetKey, Lock>>>,

@@ -208,16 +208,16 @@ impl TestEnv {
     }
 
     /// Polls the metadata of `user_id`'s token set until `check` accepts it, and panics
-    /// naming `what` after `limit`.
+    /// naming `condition` after `limit`.
     pub async fn wait_for_token_set(
         &self,
         user_id: &str,
-        what: &str,
+        condition: &str,
         limit: Duration,
         check: impl Fn(&proto::TokenSetInfo) -> bool,
     ) {
         let check = &check;
-        wait_until(what, limit, || {
+        wait_until(condition, limit, || {
             let mut client = self.client.clone();
             let request = proto::GetTokenSetRequest {
                 user_id: user_id.to_owned(),
@@ -264,9 +264,9 @@ async fn connect(daemon: &Daemon) -> Client {
         .unwrap()
 }
 
-/// Polls `check` every 100 ms until it returns true, and panics naming `what` after
+/// Polls `check` every 100 ms until it returns true, and panics naming `condition` after
 /// `limit`.
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+pub async fn wait_until<F, Fut>(condition: &str, limit: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -275,10 +275,28 @@ where
     while !check().await {
         assert!(
             Instant::now() < deadline,
-            "timed out after {limit:?} waiting until {what}"
+            "timed out after {limit:?} waiting until {condition}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Six-second tokens with a one-second lead: the scheduler refreshes 1.0 to 1.2 s
+/// before expiry, while GetAccessToken refreshes on demand once less than 3 s remain.
+/// Between the two there is a window in which only an on-demand call refreshes.
+pub fn on_demand_window() -> Options {
+    Options {
+        expires_in: 6,
+        refresh_before: Duration::from_secs(1),
+        ..Options::default()
+    }
+}
+
+/// Sleeps until the token set whose access token expires at `expires_at` has about
+/// 2.5 s left, which is inside the on-demand window of [`on_demand_window`].
+pub async fn sleep_into_on_demand_window(expires_at: &Option<prost_types::Timestamp>) {
+    let wait_ms = millis(expires_at) - now_millis() - 2_500;
+    tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
 }
 
 /// Converts a protobuf timestamp to Unix milliseconds.
