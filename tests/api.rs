@@ -579,6 +579,68 @@ async fn watch_of_unknown_user_is_not_found(backend: Backend) {
     assert_eq!(status.code(), Code::NotFound);
 }
 
+/// Two replicas on one PostgreSQL database: concurrent RefreshAccessToken calls on both
+/// cause one refresh, and a watch on one replica sees the other's refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_refreshes_and_watches() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let (second, second_client) = env.start_replica("second").await;
+    env.exchange("alice").await;
+    let mut stream = watch(&mut env, "alice").await;
+    let first = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+
+    env.emulator
+        .inject(Fault::DelayBefore(Duration::from_millis(1500)), Some(1));
+    let calls: Vec<_> = (0..8)
+        .map(|index| {
+            let mut client = if index % 2 == 0 {
+                env.client.clone()
+            } else {
+                second_client.clone()
+            };
+            tokio::spawn(async move {
+                client
+                    .refresh_access_token(proto::RefreshAccessTokenRequest {
+                        user_id: "alice".to_owned(),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for call in calls {
+        tokens.push(call.await.unwrap().unwrap().access_token);
+    }
+    assert_eq!(env.emulator.stats().refresh_requests, 1);
+    assert!(
+        tokens.iter().all(|token| *token == tokens[0]),
+        "replicas returned different tokens"
+    );
+    let watched = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+    assert_eq!(watched.access_token, tokens[0]);
+    assert_ne!(watched.access_token, first.access_token);
+
+    // A refresh on the second replica alone reaches the watch on the first.
+    let mut client = second_client.clone();
+    let refreshed = client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let watched = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+    assert_eq!(watched.access_token, refreshed.access_token);
+    assert_eq!(env.emulator.stats().refresh_requests, 2);
+
+    drop(stream);
+    second.shutdown().await.unwrap();
+}
+
 backend_tests! {
     health_follows_lifecycle,
     reflection_lists_services,

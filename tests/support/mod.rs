@@ -230,6 +230,18 @@ impl TestEnv {
         .await;
     }
 
+    /// Starts a second daemon named `replica_id` on the same database and emulator, and
+    /// returns it with a client. Only PostgreSQL allows this.
+    pub async fn start_replica(&self, replica_id: &str) -> (Daemon, Client) {
+        let settings = Settings {
+            replica_id: replica_id.to_owned(),
+            ..settings(&self.emulator, &self.database_url, &self.options)
+        };
+        let daemon = Daemon::start(&settings).await.unwrap();
+        let client = connect(&daemon).await;
+        (daemon, client)
+    }
+
     pub async fn token_set(&mut self, user_id: &str) -> proto::TokenSetInfo {
         self.client
             .get_token_set(proto::GetTokenSetRequest {
