@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod emulator;
 pub mod grpc;
@@ -17,6 +18,8 @@ pub mod scheduler;
 pub mod server;
 pub mod settings;
 pub mod store;
+pub mod systemd;
+pub mod telemetry;
 pub mod tiki;
 pub mod tokens;
 

@@ -22,7 +22,11 @@ pub const SANDBOX_DATABASE: &str = "tokend-sandbox.db";
 pub const SANDBOX_EXPIRES_IN: u64 = 60;
 
 /// Runs the sandbox until SIGINT or SIGTERM.
-pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Result<()> {
+pub async fn run(
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    emulator_addr: SocketAddr,
+) -> anyhow::Result<()> {
     // The emulator keeps its token families in memory, so tokens stored by an earlier
     // sandbox run would be unknown to it and fail their first refresh. The database's
     // lock is held while the files go, so that a running sandbox keeps its database.
@@ -48,6 +52,8 @@ pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Re
         tiki_graphql_url: String::new(),
         database_url: format!("sqlite://{SANDBOX_DATABASE}"),
         grpc_addr,
+        admin_addr,
+        max_tick_age: Duration::from_secs(60),
         refresh_before: Duration::from_secs(300),
         http_timeout: Duration::from_secs(10),
         refresh_concurrency: 16,

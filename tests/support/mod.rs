@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::{
     future::Future,
     time::{Duration, Instant},
@@ -102,6 +104,8 @@ pub struct Options {
     pub expires_in: u64,
     pub refresh_before: Duration,
     pub http_timeout: Duration,
+    /// Scheduler pass age after which `/healthz` fails.
+    pub max_tick_age: Duration,
 }
 
 impl Default for Options {
@@ -110,6 +114,7 @@ impl Default for Options {
             expires_in: 3600,
             refresh_before: Duration::from_secs(300),
             http_timeout: Duration::from_secs(5),
+            max_tick_age: Duration::from_secs(60),
         }
     }
 }
@@ -242,6 +247,14 @@ impl TestEnv {
         (daemon, client)
     }
 
+    /// Sends a GET to the admin server and returns the status code and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.daemon().admin_addr());
+        let response = reqwest::get(&url).await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
     pub async fn token_set(&mut self, user_id: &str) -> proto::TokenSetInfo {
         self.client
             .get_token_set(proto::GetTokenSetRequest {
@@ -260,6 +273,8 @@ fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Setti
         tiki_graphql_url: emulator.graphql_url(),
         database_url: database_url.to_owned(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        max_tick_age: options.max_tick_age,
         refresh_before: options.refresh_before,
         http_timeout: options.http_timeout,
         refresh_concurrency: 16,
