@@ -5,9 +5,11 @@ use std::{path::PathBuf, process::ExitCode};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret as _;
 use tonic::transport::Channel;
 
 use crate::{
+    access::{Role, api_keys},
     proto::{self, token_service_client::TokenServiceClient},
     settings::DEFAULT_GRPC_ADDR,
 };
@@ -52,6 +54,16 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Generate an API key. Prints the key, then the line that grants it the role in
+    /// the api_keys_file; the line holds only the key's SHA-256.
+    ApiKey {
+        /// The role the key grants.
+        #[arg(long, value_parser = ["reader", "admin"])]
+        role: String,
+        /// A name for the caller, shown in the daemon's logs; no spaces.
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +102,11 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_SHUTDOWN_GRACE       seconds to finish refreshes on shutdown (default 30)
   TOKEND_REFRESH_LEASE        seconds a claim lasts (default 60)
   TOKEND_REPLICA_ID           this replica's name (default HOST-PID)
+  TOKEND_TLS_CERT_FILE        PEM certificate chain for TLS on the gRPC port
+  TOKEND_TLS_KEY_FILE         PEM private key of that certificate
+  TOKEND_TLS_CLIENT_CA_FILE   PEM CA that client certificates must chain to (mTLS)
+  TOKEND_API_KEYS_FILE        API keys file, one `ROLE sha256:HEX [NAME]` per line
+  TOKEND_ALLOW_INSECURE_BIND  true to allow a non-loopback address without TLS or keys
   TOKEND_LOG                  log filter (default info)
 The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.
 Invalid settings exit with code 78 before any port is bound.";
@@ -116,9 +133,28 @@ pub async fn run_client(command: Command) -> ExitCode {
     }
 }
 
+/// Prints a new API key and its line for the API keys file.
+fn api_key(role: &str, name: Option<&str>) -> Result<(), String> {
+    let role = Role::parse(role).ok_or_else(|| format!("unknown role {role:?}"))?;
+    if let Some(name) = name
+        && (name.is_empty() || name.contains(char::is_whitespace))
+    {
+        return Err(format!("--name {name:?} must be one word without spaces"));
+    }
+    let generated = api_keys::generate(role, name);
+    println!("{}", generated.key.expose_secret());
+    println!("{}", generated.line);
+    eprintln!(
+        "The first line is the key: give it to the caller (TOKEND_API_KEY); tokend does not \
+         store it. Append the second line to the api_keys_file and restart tokend."
+    );
+    Ok(())
+}
+
 async fn call(command: Command) -> Result<(), String> {
     let addr = match &command {
         Command::Serve(_) => String::new(),
+        Command::ApiKey { role, name } => return api_key(role, name.as_deref()),
         Command::Exchange { target, .. }
         | Command::Token { target, .. }
         | Command::Show { target }
@@ -132,7 +168,9 @@ async fn call(command: Command) -> Result<(), String> {
         )
     };
     match command {
-        Command::Serve(_) => Err("serve is not a client subcommand".to_owned()),
+        Command::Serve(_) | Command::ApiKey { .. } => {
+            Err("serve is not a client subcommand".to_owned())
+        }
         Command::Exchange { target, auth_code } => {
             let mut client = connect(&target.addr).await?;
             let request = proto::ExchangeAuthCodeRequest {

@@ -11,7 +11,7 @@ use tracing::info;
 use crate::{
     emulator::{Emulator, EmulatorConfig},
     server::Daemon,
-    settings::Settings,
+    settings::{AccessSettings, Settings},
     store::sqlite::lock_database,
 };
 
@@ -55,6 +55,7 @@ pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Re
         shutdown_grace: Duration::from_secs(10),
         refresh_lease: Duration::from_secs(60),
         replica_id: "sandbox".to_owned(),
+        access: AccessSettings::default(),
     };
     let emulator = Emulator::start_on(emulator_addr, config)
         .await

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::{
     future::Future,
     time::{Duration, Instant},
@@ -14,7 +16,7 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig},
     proto::{self, token_service_client::TokenServiceClient},
     server::Daemon,
-    settings::Settings,
+    settings::{AccessSettings, Settings},
 };
 use tonic::transport::Channel;
 
@@ -102,6 +104,9 @@ pub struct Options {
     pub expires_in: u64,
     pub refresh_before: Duration,
     pub http_timeout: Duration,
+    /// TLS and API keys on the gRPC port; the client the harness builds speaks plain
+    /// HTTP/2 without a key, so tests that set this build their own.
+    pub access: AccessSettings,
 }
 
 impl Default for Options {
@@ -110,6 +115,7 @@ impl Default for Options {
             expires_in: 3600,
             refresh_before: Duration::from_secs(300),
             http_timeout: Duration::from_secs(5),
+            access: AccessSettings::default(),
         }
     }
 }
@@ -241,7 +247,8 @@ impl TestEnv {
     }
 }
 
-fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Settings {
+/// Returns the daemon settings a test environment uses.
+pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Settings {
     Settings {
         client_id: "sandbox-client".to_owned(),
         client_secret: SecretString::from("sandbox-secret"),
@@ -255,6 +262,7 @@ fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Setti
         shutdown_grace: Duration::from_secs(10),
         refresh_lease: options.http_timeout + Duration::from_secs(10),
         replica_id: "test".to_owned(),
+        access: options.access.clone(),
     }
 }
 
