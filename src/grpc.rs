@@ -100,7 +100,50 @@ impl TokenService for TokenGrpcService {
             .map_err(to_status)?;
         Ok(Response::new(proto::DeleteTokenSetResponse {}))
     }
+
+    type WatchAccessTokenStream = WatchStream;
+
+    async fn watch_access_token(
+        &self,
+        _request: Request<proto::WatchAccessTokenRequest>,
+    ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
+        Err(Status::unimplemented(
+            "WatchAccessToken is not implemented yet",
+        ))
+    }
+
+    async fn refresh_access_token(
+        &self,
+        _request: Request<proto::RefreshAccessTokenRequest>,
+    ) -> Result<Response<proto::AccessToken>, Status> {
+        Err(Status::unimplemented(
+            "RefreshAccessToken is not implemented yet",
+        ))
+    }
+
+    async fn list_token_sets(
+        &self,
+        _request: Request<proto::ListTokenSetsRequest>,
+    ) -> Result<Response<proto::ListTokenSetsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListTokenSets is not implemented yet",
+        ))
+    }
+
+    async fn import_token_set(
+        &self,
+        _request: Request<proto::ImportTokenSetRequest>,
+    ) -> Result<Response<proto::TokenSetInfo>, Status> {
+        Err(Status::unimplemented(
+            "ImportTokenSet is not implemented yet",
+        ))
+    }
 }
+
+/// The messages of a `WatchAccessToken` stream.
+pub type WatchStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::WatchAccessTokenResponse, Status>> + Send>,
+>;
 
 /// Maps a domain error to the status returned to the caller. Storage failures are logged with
 /// their cause here and reach the caller without internal detail.

@@ -205,6 +205,25 @@ pub trait TokenStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<TokenSet, StoreError>;
 
+    /// Stores the tokens of a grant obtained elsewhere unless the user already has a
+    /// token set, and returns `None` then.
+    async fn store_new(
+        &self,
+        key: &TokenSetKey,
+        tokens: &NewTokens<'_>,
+        writer: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError>;
+
+    /// Returns up to `limit` token sets ordered by app and then user id, starting after
+    /// `after`, with one of `statuses`, or with any status when `statuses` is empty.
+    async fn list(
+        &self,
+        after: Option<&TokenSetKey>,
+        statuses: &[TokenStatus],
+        limit: u32,
+    ) -> Result<Vec<TokenSet>, StoreError>;
+
     /// Claims up to `limit` token sets whose next refresh is due at `now` and that
     /// are not claimed, most overdue first.
     async fn claim_due(
@@ -258,6 +277,17 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Closes the connections, waiting for queries in progress.
     async fn close(&self);
+}
+
+/// Returns the three values a status filter binds to `status IN (?, ?, ?)`: each
+/// requested status once, and `NULL`, which matches nothing, in the unused places.
+fn status_filter(statuses: &[TokenStatus]) -> [Option<&'static str>; 3] {
+    let all = [
+        TokenStatus::Active,
+        TokenStatus::RefreshFailing,
+        TokenStatus::ReauthRequired,
+    ];
+    all.map(|status| (statuses.is_empty() || statuses.contains(&status)).then(|| status.as_str()))
 }
 
 /// Formats a time the way the store writes it: RFC 3339, milliseconds, `Z`.

@@ -16,8 +16,8 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig, Fault},
     refresh::RefreshPolicy,
     store::{
-        Claim, FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStore,
-        sqlite::SqliteStore,
+        Claim, FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStatus,
+        TokenStore, sqlite::SqliteStore,
     },
     tiki::graphql::GraphqlClient,
     tokens::{ManagerSettings, TokenManager},
@@ -44,6 +44,25 @@ impl TokenStore for CountingStore {
         now: DateTime<Utc>,
     ) -> Result<TokenSet, StoreError> {
         self.inner.store_exchanged(key, tokens, writer, now).await
+    }
+
+    async fn store_new(
+        &self,
+        key: &TokenSetKey,
+        tokens: &NewTokens<'_>,
+        writer: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError> {
+        self.inner.store_new(key, tokens, writer, now).await
+    }
+
+    async fn list(
+        &self,
+        after: Option<&TokenSetKey>,
+        statuses: &[TokenStatus],
+        limit: u32,
+    ) -> Result<Vec<TokenSet>, StoreError> {
+        self.inner.list(after, statuses, limit).await
     }
 
     async fn claim_due(

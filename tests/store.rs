@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use support::Backend;
 use tokend::store::{self, Claim, FailureRecord, NewTokens, TokenSetKey, TokenStatus, TokenStore};
 
@@ -239,11 +239,108 @@ async fn failure_ends_the_claim(backend: Backend) {
     assert!(store.get(&key).await.unwrap().is_none());
 }
 
+async fn store_new_keeps_existing_set(backend: Backend) {
+    let fixture = open(&backend).await;
+    let store = fixture.store.as_ref();
+    let key = TokenSetKey::new("alice");
+    insert(store, "alice", Utc::now() + Duration::hours(1)).await;
+
+    let access = SecretString::from("imported-access");
+    let scopes = vec!["user_profile".to_owned()];
+    let tokens = NewTokens {
+        access_token: &access,
+        refresh_token: None,
+        scopes: &scopes,
+        lifetime_seconds: 600,
+        expires_at: Utc::now() + Duration::minutes(10),
+        next_refresh_at: None,
+    };
+    let kept = store.store_new(&key, &tokens, "test", Utc::now()).await;
+    assert!(
+        kept.unwrap().is_none(),
+        "an existing token set was replaced"
+    );
+    let stored = store.get(&key).await.unwrap().unwrap();
+    assert_eq!(stored.access_token.expose_secret(), "access-alice");
+    assert_eq!(stored.version, 1);
+
+    let new_key = TokenSetKey::new("bob");
+    let created = store
+        .store_new(&new_key, &tokens, "test", Utc::now())
+        .await
+        .unwrap()
+        .expect("store_new wrote no row for a new user");
+    assert_eq!(created.key, new_key);
+    assert_eq!(created.status, TokenStatus::Active);
+    assert_eq!(created.access_token.expose_secret(), "imported-access");
+    assert!(created.refresh_token.is_none());
+    assert_eq!(created.scopes, ["user_profile"]);
+    assert_eq!(created.lifetime_seconds, 600);
+    assert!(created.next_refresh_at.is_none());
+}
+
+async fn list_pages_by_user_and_status(backend: Backend) {
+    let fixture = open(&backend).await;
+    let store = fixture.store.as_ref();
+    let far = Utc::now() + Duration::hours(1);
+    for user_id in ["carol", "alice", "dave", "bob", "erin"] {
+        insert(store, user_id, far).await;
+    }
+    // Bob's and Dave's refreshes fail, and Erin's ends the grant.
+    let now = Utc::now();
+    for (user_id, status) in [
+        ("bob", TokenStatus::RefreshFailing),
+        ("dave", TokenStatus::RefreshFailing),
+        ("erin", TokenStatus::ReauthRequired),
+    ] {
+        let key = TokenSetKey::new(user_id);
+        let claimed = claim("replica-a", 7, now + Duration::seconds(30));
+        store.claim(&key, &claimed, now).await.unwrap().unwrap();
+        let record = FailureRecord {
+            status,
+            ..failure()
+        };
+        store
+            .store_failure(&key, 7, &record, "replica-a", now)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let user_ids = |sets: &[tokend::store::TokenSet]| -> Vec<String> {
+        sets.iter().map(|set| set.key.user_id.clone()).collect()
+    };
+
+    let first = store.list(None, &[], 2).await.unwrap();
+    assert_eq!(user_ids(&first), ["alice", "bob"]);
+    let second = store.list(Some(&first[1].key), &[], 2).await.unwrap();
+    assert_eq!(user_ids(&second), ["carol", "dave"]);
+    let last = store.list(Some(&second[1].key), &[], 2).await.unwrap();
+    assert_eq!(user_ids(&last), ["erin"]);
+    let beyond = store.list(Some(&last[0].key), &[], 2).await.unwrap();
+    assert!(beyond.is_empty());
+
+    let failing = store
+        .list(None, &[TokenStatus::RefreshFailing], 10)
+        .await
+        .unwrap();
+    assert_eq!(user_ids(&failing), ["bob", "dave"]);
+    let after_bob = store
+        .list(Some(&failing[0].key), &[TokenStatus::RefreshFailing], 10)
+        .await
+        .unwrap();
+    assert_eq!(user_ids(&after_bob), ["dave"]);
+    let two_statuses = [TokenStatus::Active, TokenStatus::ReauthRequired];
+    let active_or_reauth = store.list(None, &two_statuses, 10).await.unwrap();
+    assert_eq!(user_ids(&active_or_reauth), ["alice", "carol", "erin"]);
+}
+
 backend_tests! {
     claims_exclude_each_other,
     writes_are_fenced_by_the_claim,
     due_sets_claimed_in_order,
     failure_ends_the_claim,
+    store_new_keeps_existing_set,
+    list_pages_by_user_and_status,
 }
 
 /// The two lookups on the hot path, "which token sets are due" and "this user's token

@@ -150,6 +150,63 @@ impl TokenStore for SqliteStore {
         written.ok_or(StoreError::Query(sqlx::Error::RowNotFound))
     }
 
+    async fn store_new(
+        &self,
+        key: &TokenSetKey,
+        tokens: &NewTokens<'_>,
+        writer: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<TokenSet>, StoreError> {
+        let query = sqlx::query(concat!(
+            "INSERT INTO token_sets (app, user_id, status, scopes, expires_at, next_refresh_at, \
+             refreshed_at, failure_count, last_error, created_at, updated_at, lifetime_seconds, \
+             outcome_unknown, version, updated_by, access_token, refresh_token) \
+             VALUES (?1, ?2, 'active', ?3, ?4, ?5, NULL, 0, NULL, ?6, ?6, ?7, 0, 1, ?8, ?9, ?10) \
+             ON CONFLICT (app, user_id) DO NOTHING RETURNING ",
+            columns!()
+        ))
+        .bind(&key.app)
+        .bind(&key.user_id)
+        .bind(tokens.scopes.join(" "))
+        .bind(format_time(tokens.expires_at))
+        .bind(tokens.next_refresh_at.map(format_time))
+        .bind(format_time(now))
+        .bind(lifetime_column(tokens.lifetime_seconds))
+        .bind(writer.to_owned())
+        .bind(tokens.access_token.expose_secret().to_owned())
+        .bind(
+            tokens
+                .refresh_token
+                .map(|token| token.expose_secret().to_owned()),
+        );
+        self.write_returning(query, key).await
+    }
+
+    async fn list(
+        &self,
+        after: Option<&TokenSetKey>,
+        statuses: &[TokenStatus],
+        limit: u32,
+    ) -> Result<Vec<TokenSet>, StoreError> {
+        let [first, second, third] = super::status_filter(statuses);
+        let (after_app, after_user_id) = after.map_or(("", ""), |key| (&key.app, &key.user_id));
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            columns!(),
+            " FROM token_sets WHERE (app, user_id) > (?1, ?2) AND status IN (?3, ?4, ?5) \
+             ORDER BY app, user_id LIMIT ?6"
+        ))
+        .bind(after_app)
+        .bind(after_user_id)
+        .bind(first)
+        .bind(second)
+        .bind(third)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| read_row(row, None)).collect()
+    }
+
     async fn claim_due(
         &self,
         claim: &Claim,
