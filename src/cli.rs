@@ -143,6 +143,16 @@ pub struct ServeArgs {
         requires = "sandbox"
     )]
     pub emulator_addr: std::net::SocketAddr,
+    /// Lifetime of the sandbox's access tokens, in seconds. tokend refreshes them
+    /// halfway through, so a short lifetime shows refreshes quickly.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = crate::sandbox::SANDBOX_EXPIRES_IN,
+        value_parser = clap::value_parser!(u64).range(2..=86_400),
+        requires = "sandbox"
+    )]
+    pub token_lifetime: u64,
 }
 
 /// Settings help shown under `tokend serve --help`.

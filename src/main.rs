@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
                 .parse()
                 .expect("the default address is valid"),
         };
-        return report(sandbox::run(grpc_addr, args.emulator_addr).await);
+        return report(sandbox::run(grpc_addr, args.emulator_addr, args.token_lifetime).await);
     }
 
     let settings = match Settings::load(args.config.as_deref()) {
