@@ -168,7 +168,7 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_HTTP_TIMEOUT         seconds per request to Tiki (default 10)
   TOKEND_REFRESH_CONCURRENCY  refreshes in flight at once (default 16)
   TOKEND_CACHE_CAPACITY       token sets cached in memory (default 100000)
-  TOKEND_SHUTDOWN_GRACE       seconds to finish refreshes on shutdown (default 30)
+  TOKEND_SHUTDOWN_GRACE       seconds to finish gRPC calls and refreshes on shutdown (default 30)
   TOKEND_REFRESH_LEASE        seconds a claim lasts (default 60)
   TOKEND_REPLICA_ID           this replica's name (default HOST-PID)
   TOKEND_TLS_CERT_FILE        PEM certificate chain for TLS on the gRPC port

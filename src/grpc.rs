@@ -1,34 +1,45 @@
 //! The `tokend.v1.TokenService` gRPC service: request validation, the calls into the
 //! token manager, and the one mapping from domain errors to `tonic::Status`.
 
+pub mod codec;
+mod validate;
+mod watch;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, error, info_span};
 
+pub use validate::{
+    DEFAULT_PAGE_SIZE, MAX_AUTH_CODE_BYTES, MAX_IMPORT_EXPIRES_IN, MAX_PAGE_SIZE, MAX_SCOPE_BYTES,
+    MAX_SCOPES, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES,
+};
+use validate::{auth_code, user_key};
+
 use crate::{
     proto::{self, token_service_server::TokenService},
-    store::{TokenSet, TokenSetKey, TokenStatus},
-    tokens::{TokenError, TokenManager},
+    store::{TokenSet, TokenStatus},
+    tokens::{ServedToken, TokenError, TokenManager},
 };
 
-/// Longest accepted user id, in bytes.
-pub const MAX_USER_ID_BYTES: usize = 256;
-
-/// Longest accepted auth code, in bytes. Tiki's codes are under 100 bytes.
-pub const MAX_AUTH_CODE_BYTES: usize = 2048;
+/// Maximum size of a request message, in bytes. The largest valid request, an import
+/// with the longest tokens and every scope, is about 26 KiB.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The gRPC face of the token manager.
 #[derive(Debug, Clone)]
 pub struct TokenGrpcService {
     manager: Arc<TokenManager>,
+    /// Cancelled when the daemon starts shutting down, which ends every watch.
+    shutdown: CancellationToken,
 }
 
 impl TokenGrpcService {
-    pub fn new(manager: Arc<TokenManager>) -> Self {
-        TokenGrpcService { manager }
+    pub fn new(manager: Arc<TokenManager>, shutdown: CancellationToken) -> Self {
+        TokenGrpcService { manager, shutdown }
     }
 }
 
@@ -65,11 +76,7 @@ impl TokenService for TokenGrpcService {
             .await
             .map_err(to_status)?;
         debug!(app = %key.app, user_id = %key.user_id, expires_at = %token.expires_at, "access token served");
-        Ok(Response::new(proto::AccessToken {
-            access_token: token.access_token.expose_secret().to_owned(),
-            expires_at: Some(timestamp(token.expires_at)),
-            scopes: token.scopes.to_vec(),
-        }))
+        Ok(Response::new(access_token_message(&token)))
     }
 
     async fn get_token_set(
@@ -105,38 +112,79 @@ impl TokenService for TokenGrpcService {
 
     async fn watch_access_token(
         &self,
-        _request: Request<proto::WatchAccessTokenRequest>,
+        request: Request<proto::WatchAccessTokenRequest>,
     ) -> Result<Response<Self::WatchAccessTokenStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchAccessToken is not implemented yet",
-        ))
+        let request = request.into_inner();
+        let key = user_key(&request.user_id)?;
+        let span = info_span!("WatchAccessToken", app = %key.app, user_id = %key.user_id);
+        let stream = watch::start(
+            self.manager.clone(),
+            key,
+            request.min_valid_seconds,
+            self.shutdown.clone(),
+        )
+        .instrument(span)
+        .await
+        .map_err(to_status)?;
+        Ok(Response::new(stream))
     }
 
     async fn refresh_access_token(
         &self,
-        _request: Request<proto::RefreshAccessTokenRequest>,
+        request: Request<proto::RefreshAccessTokenRequest>,
     ) -> Result<Response<proto::AccessToken>, Status> {
-        Err(Status::unimplemented(
-            "RefreshAccessToken is not implemented yet",
-        ))
+        let key = user_key(&request.into_inner().user_id)?;
+        let span = info_span!("RefreshAccessToken", app = %key.app, user_id = %key.user_id);
+        let token = self
+            .manager
+            .refresh_now(&key)
+            .instrument(span)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(access_token_message(&token)))
     }
 
     async fn list_token_sets(
         &self,
-        _request: Request<proto::ListTokenSetsRequest>,
+        request: Request<proto::ListTokenSetsRequest>,
     ) -> Result<Response<proto::ListTokenSetsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListTokenSets is not implemented yet",
-        ))
+        let query = validate::list_query(request.get_ref())?;
+        let span = info_span!("ListTokenSets", page_size = query.page_size);
+        // Fetching one row more than the page size shows whether another page follows.
+        let mut sets = self
+            .manager
+            .list(query.after.as_ref(), &query.statuses, query.page_size + 1)
+            .instrument(span)
+            .await
+            .map_err(to_status)?;
+        let page_size = query.page_size as usize;
+        let more = sets.len() > page_size;
+        sets.truncate(page_size);
+        let next_page_token = match sets.last() {
+            Some(last) if more => validate::encode_page_token(&last.key, &query.statuses),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListTokenSetsResponse {
+            token_sets: sets.iter().map(token_set_info).collect(),
+            next_page_token,
+        }))
     }
 
     async fn import_token_set(
         &self,
-        _request: Request<proto::ImportTokenSetRequest>,
+        request: Request<proto::ImportTokenSetRequest>,
     ) -> Result<Response<proto::TokenSetInfo>, Status> {
-        Err(Status::unimplemented(
-            "ImportTokenSet is not implemented yet",
-        ))
+        let request = request.into_inner();
+        let replace = request.replace_existing;
+        let (key, imported) = validate::import(request, Utc::now())?;
+        let span = info_span!("ImportTokenSet", app = %key.app, user_id = %key.user_id);
+        let set = self
+            .manager
+            .import(&key, &imported, replace)
+            .instrument(span)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(token_set_info(&set)))
     }
 }
 
@@ -152,6 +200,9 @@ fn to_status(error: TokenError) -> Status {
         TokenError::NotFound(user_id) => {
             Status::not_found(format!("no token set is stored for user_id {user_id:?}"))
         }
+        TokenError::AlreadyExists(user_id) => Status::already_exists(format!(
+            "user_id {user_id:?} already has a token set; set replace_existing to replace it"
+        )),
         TokenError::ReauthRequired(reason) => Status::failed_precondition(format!(
             "the user must consent again through my.getAuthCode: {reason}"
         )),
@@ -169,40 +220,12 @@ fn to_status(error: TokenError) -> Status {
     }
 }
 
-fn user_key(user_id: &str) -> Result<TokenSetKey, Status> {
-    if user_id.is_empty() {
-        return Err(Status::invalid_argument("user_id is empty"));
+fn access_token_message(token: &ServedToken) -> proto::AccessToken {
+    proto::AccessToken {
+        access_token: token.access_token.expose_secret().to_owned(),
+        expires_at: Some(timestamp(token.expires_at)),
+        scopes: token.scopes.to_vec(),
     }
-    if user_id.len() > MAX_USER_ID_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "user_id is {} bytes long; the maximum is {MAX_USER_ID_BYTES}",
-            user_id.len()
-        )));
-    }
-    if user_id.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "user_id contains control characters",
-        ));
-    }
-    Ok(TokenSetKey::new(user_id))
-}
-
-fn auth_code(code: String) -> Result<SecretString, Status> {
-    if code.is_empty() {
-        return Err(Status::invalid_argument("auth_code is empty"));
-    }
-    if code.len() > MAX_AUTH_CODE_BYTES {
-        return Err(Status::invalid_argument(format!(
-            "auth_code is {} bytes long; the maximum is {MAX_AUTH_CODE_BYTES}",
-            code.len()
-        )));
-    }
-    if code.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "auth_code contains control characters",
-        ));
-    }
-    Ok(SecretString::from(code))
 }
 
 fn token_set_info(set: &TokenSet) -> proto::TokenSetInfo {
@@ -238,38 +261,6 @@ mod tests {
     use tonic::Code;
 
     #[test]
-    fn user_id_is_validated() {
-        let cases = [
-            ("", "empty"),
-            ("a\nb", "control"),
-            ("tab\there", "control"),
-            ("\u{7f}", "control"),
-        ];
-        for (user_id, expected) in cases {
-            let status = user_key(user_id).unwrap_err();
-            assert_eq!(status.code(), Code::InvalidArgument);
-            assert!(status.message().contains("user_id"), "{user_id:?}");
-            assert!(status.message().contains(expected), "{user_id:?}");
-        }
-        let long = "x".repeat(MAX_USER_ID_BYTES + 1);
-        assert_eq!(user_key(&long).unwrap_err().code(), Code::InvalidArgument);
-        assert!(user_key(&"é".repeat(128)).is_ok());
-        assert!(user_key(&"é".repeat(129)).is_err());
-    }
-
-    #[test]
-    fn auth_code_is_validated() {
-        assert_eq!(
-            auth_code(String::new()).unwrap_err().code(),
-            Code::InvalidArgument
-        );
-        let long = "c".repeat(MAX_AUTH_CODE_BYTES + 1);
-        let status = auth_code(long).unwrap_err();
-        assert!(status.message().contains("auth_code"));
-        assert!(auth_code("CDKJfdkj4528KJ.eCZa27znIuM8JGC".to_owned()).is_ok());
-    }
-
-    #[test]
     fn errors_map_to_codes() {
         let cases = [
             (TokenError::NotFound("u".into()), Code::NotFound),
@@ -283,6 +274,7 @@ mod tests {
             ),
             (TokenError::Unavailable("r".into()), Code::Unavailable),
             (TokenError::CredentialsRejected, Code::Unavailable),
+            (TokenError::AlreadyExists("u".into()), Code::AlreadyExists),
         ];
         for (error, code) in cases {
             assert_eq!(to_status(error).code(), code);

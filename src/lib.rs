@@ -25,4 +25,8 @@ pub mod tokens;
 pub mod proto {
     #![allow(missing_debug_implementations, clippy::all)]
     tonic::include_proto!("tokend.v1");
+
+    /// The encoded descriptors of tokend's proto and its imports, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/tokend_descriptor.bin"));
 }

@@ -10,19 +10,27 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{error, info, warn};
 
 use crate::{
     access::AuthLayer,
-    grpc::TokenGrpcService,
-    proto::token_service_server::TokenServiceServer,
+    grpc::{MAX_REQUEST_BYTES, TokenGrpcService},
+    proto::{self, token_service_server::TokenServiceServer},
     refresh::RefreshPolicy,
     scheduler::{Scheduler, SchedulerStats},
     settings::Settings,
-    store,
+    store::{self, TokenStore},
     tiki::graphql::GraphqlClient,
     tokens::{ManagerSettings, TokenManager},
 };
+
+/// How often the health reporter queries the store again after a failed query.
+const HEALTH_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The name gRPC health checks use for `tokend.v1.TokenService`.
+const TOKEN_SERVICE_NAME: &str =
+    <TokenServiceServer<TokenGrpcService> as tonic::server::NamedService>::NAME;
 
 /// How long shutdown waits for the database connections to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,6 +98,11 @@ impl Daemon {
             tokio::spawn(async move { manager.follow_store_events(shutdown).await })
         };
 
+        let token_service =
+            TokenServiceServer::new(TokenGrpcService::new(manager.clone(), shutdown.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
         let mut builder = Server::builder();
         if let Some(tls) = &settings.access.tls {
             builder = builder
@@ -99,17 +112,19 @@ impl Daemon {
         log_access(settings, grpc_addr);
         let server = builder
             .layer(AuthLayer::new(settings.access.api_keys.clone()))
-            .add_service(TokenServiceServer::new(TokenGrpcService::new(
-                manager.clone(),
-            )))
+            .add_service(token_service)
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 shutdown.clone().cancelled_owned(),
             );
+        tokio::spawn(report_health(health, store.clone(), shutdown.clone()));
         let stop_scheduler = shutdown.clone();
         let grace = settings.shutdown_grace;
         let task = tokio::spawn(async move {
-            let served = server.await;
+            let served = serve_within_grace(server, &stop_scheduler, grace).await;
             if let Err(error) = &served {
                 error!(%error, "gRPC server failed");
                 // Stop the scheduler too, so that the daemon exits instead of running
@@ -172,6 +187,64 @@ impl Daemon {
             std::process::exit(130);
         });
         self.shutdown().await
+    }
+}
+
+/// Builds server reflection for tokend's and the health service's protos.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Sets the health of the whole server (the empty service name) and of TokenService.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(TOKEN_SERVICE_NAME, status).await;
+}
+
+/// Reports SERVING once a query to the migrated store succeeds, retrying every
+/// `HEALTH_RETRY_DELAY`, and NOT_SERVING again when shutdown starts.
+async fn report_health(
+    health: HealthReporter,
+    store: Arc<dyn TokenStore>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store.list(None, &[], 1).await {
+            Ok(_) => break,
+            Err(error) => {
+                warn!(%error, "querying the store failed; gRPC health stays NOT_SERVING");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(HEALTH_RETRY_DELAY) => {}
+        }
+    }
+    set_health(&health, ServingStatus::Serving).await;
+    info!("gRPC health is SERVING");
+    shutdown.cancelled().await;
+    set_health(&health, ServingStatus::NotServing).await;
+}
+
+/// Serves until shutdown, then lets calls in flight finish for up to `grace`. Streams
+/// that never end by themselves, such as a health watch, are cut after it.
+async fn serve_within_grace(
+    server: impl Future<Output = Result<(), tonic::transport::Error>>,
+    shutdown: &CancellationToken,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = server => served,
+        () = deadline => {
+            warn!(?grace, "gRPC calls still open after the grace period were cut");
+            Ok(())
+        }
     }
 }
 

@@ -17,6 +17,8 @@
 
 mod attempt;
 mod cache;
+mod forced;
+mod import;
 mod locks;
 
 use std::{
@@ -30,8 +32,10 @@ use tracing::{debug, error, info, warn};
 
 pub use cache::ServedToken;
 use cache::TokenCache;
+pub use import::ImportedTokens;
 use locks::KeyedLocks;
 
+use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -51,6 +55,10 @@ const MAX_COMMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How often a caller waiting for another replica's refresh re-reads the row.
 const CLAIM_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Changes buffered for each watcher; a watcher that falls further behind re-reads its
+/// token set.
+const CHANGE_BUFFER: usize = 1024;
+
 /// A failed token operation, in terms a caller can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -58,6 +66,8 @@ pub enum TokenError {
     NotFound(String),
     #[error("the user must consent again: {0}")]
     ReauthRequired(String),
+    #[error("user {0} already has a token set")]
+    AlreadyExists(String),
     #[error("Tiki rejected the auth code: {0}")]
     CodeRejected(String),
     #[error("Tiki is unavailable and no valid access token is stored: {0}")]
@@ -77,6 +87,15 @@ pub enum RefreshOutcome {
     Failed(FailureClass),
     /// The token set stopped being due before the refresh began.
     NotDue,
+}
+
+/// A change to stored token sets, as announced to watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSetChange {
+    /// This token set was claimed, written or deleted, here or on another replica.
+    One(TokenSetKey),
+    /// Any token set may have changed, because store events were missed.
+    Any,
 }
 
 /// The result of one refresh attempt, with the row as stored afterwards.
@@ -116,6 +135,8 @@ pub struct TokenManager {
     /// Unix milliseconds until which no refresh is sent, after Tiki rejected tokend's
     /// credentials.
     credentials_blocked_until: AtomicI64,
+    /// Announces every change, for streams that watch token sets.
+    changes: broadcast::Sender<TokenSetChange>,
 }
 
 impl std::fmt::Debug for dyn TokenStore {
@@ -148,6 +169,7 @@ impl TokenManager {
             claim_wait: chrono_duration(settings.claim_wait),
             credentials_blocked_until: AtomicI64::new(0),
             refreshes: TaskTracker::new(),
+            changes: broadcast::Sender::new(CHANGE_BUFFER),
         }
     }
 
@@ -165,8 +187,12 @@ impl TokenManager {
             match event {
                 Some(StoreEvent::Changed { key, version }) => {
                     self.cache.remove_unless_newer(&key, version);
+                    self.announce(TokenSetChange::One(key));
                 }
-                Some(StoreEvent::Resync) => self.cache.clear(),
+                Some(StoreEvent::Resync) => {
+                    self.cache.clear();
+                    self.announce(TokenSetChange::Any);
+                }
                 None => return,
             }
         }
@@ -193,6 +219,16 @@ impl TokenManager {
                 "on-demand refreshes still in flight after the grace period were abandoned"
             );
         }
+    }
+
+    /// Starts receiving every later change to stored token sets.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<TokenSetChange> {
+        self.changes.subscribe()
+    }
+
+    /// Tells watchers about a change. Having no watchers is not an error.
+    fn announce(&self, change: TokenSetChange) {
+        let _ = self.changes.send(change);
     }
 
     /// Number of token sets whose access token is cached.
@@ -238,6 +274,7 @@ impl TokenManager {
             .store_exchanged(key, &tokens, &self.replica_id, Utc::now())
             .await?;
         self.cache.put(&set);
+        self.announce(TokenSetChange::One(key.clone()));
         if set.refresh_token.is_none() {
             warn!(app = %key.app, user_id = %key.user_id, "Tiki issued no refresh token; the user did not grant the offline scope, so the token set expires without refresh");
         }
@@ -437,11 +474,23 @@ impl TokenManager {
             .ok_or_else(|| TokenError::NotFound(key.user_id.clone()))
     }
 
+    /// Returns up to `limit` token sets after `after`, ordered by key, with one of
+    /// `statuses`, or with any status when it is empty.
+    pub async fn list(
+        &self,
+        after: Option<&TokenSetKey>,
+        statuses: &[TokenStatus],
+        limit: u32,
+    ) -> Result<Vec<TokenSet>, TokenError> {
+        Ok(self.store.list(after, statuses, limit).await?)
+    }
+
     /// Deletes a token set.
     pub async fn delete(&self, key: &TokenSetKey) -> Result<(), TokenError> {
         let _guard = self.locks.lock(key).await;
         let deleted = self.store.delete(key).await?;
         self.cache.remove(key);
+        self.announce(TokenSetChange::One(key.clone()));
         if !deleted {
             return Err(TokenError::NotFound(key.user_id.clone()));
         }

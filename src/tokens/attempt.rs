@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use tracing::{error, info, warn};
 
 use super::{
-    Attempt, COMMIT_RETRY_DELAY, MAX_COMMIT_RETRY_DELAY, TokenError, TokenManager, optional_time,
+    Attempt, COMMIT_RETRY_DELAY, MAX_COMMIT_RETRY_DELAY, TokenError, TokenManager, TokenSetChange,
+    optional_time,
 };
 use crate::{
     refresh::chrono_duration,
@@ -137,6 +138,7 @@ impl TokenManager {
         };
 
         self.cache.put(&stored);
+        self.announce(TokenSetChange::One(key.clone()));
         info!(app = %key.app, user_id = %key.user_id, expires_at = %format_time(stored.expires_at), next_refresh_at = %optional_time(stored.next_refresh_at), "token set refreshed");
         Ok(Attempt::Refreshed(stored))
     }
@@ -173,6 +175,7 @@ impl TokenManager {
             return Err(TokenError::Unavailable(error.to_string()));
         };
         self.cache.put(&stored);
+        self.announce(TokenSetChange::One(key.clone()));
         Ok(Attempt::Failed(stored, error))
     }
 }

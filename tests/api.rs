@@ -1,0 +1,595 @@
+//! The RPCs beyond exchange and get, and the standard gRPC services, end to end: a
+//! generated client on loopback, a fresh store per test, and the Tiki emulator over
+//! HTTP. Assertions never print a token.
+
+mod support;
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use support::{Backend, Options, TestEnv, millis, now_millis, wait_until};
+use tokend::{
+    emulator::Fault,
+    proto::{self, watch_access_token_response::Event},
+    tiki::{TokenApi, graphql::GraphqlClient},
+};
+use tonic::{Code, Streaming, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Generous bound for one stream message that should arrive at once.
+const PROMPT: Duration = Duration::from_secs(10);
+
+async fn health_status(channel: Channel, service: &str) -> Result<ServingStatus, tonic::Status> {
+    let request = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let response = HealthClient::new(channel).check(request).await?;
+    Ok(response.into_inner().status())
+}
+
+async fn channel(env: &TestEnv) -> Channel {
+    Channel::from_shared(format!("http://{}", env.daemon().grpc_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// Gets a token set from the emulator the way another system would, with tokend's own
+/// Tiki client.
+async fn grant_from_elsewhere(env: &TestEnv, user_id: &str) -> tokend::tiki::Grant {
+    let client = GraphqlClient::new(
+        env.emulator.graphql_url(),
+        "sandbox-client".to_owned(),
+        SecretString::from("sandbox-secret"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let code = env
+        .emulator
+        .issue_auth_code(user_id, &["offline", "user_profile"]);
+    client.exchange(&SecretString::from(code)).await.unwrap()
+}
+
+fn import_request(user_id: &str, grant: &tokend::tiki::Grant) -> proto::ImportTokenSetRequest {
+    proto::ImportTokenSetRequest {
+        user_id: user_id.to_owned(),
+        access_token: grant.access_token.expose_secret().to_owned(),
+        refresh_token: grant
+            .refresh_token
+            .as_ref()
+            .map(|token| token.expose_secret().to_owned())
+            .unwrap_or_default(),
+        expiry: Some(proto::import_token_set_request::Expiry::ExpiresIn(
+            i64::try_from(grant.expires_in).unwrap(),
+        )),
+        scopes: grant.scopes.clone(),
+        replace_existing: false,
+    }
+}
+
+async fn watch(env: &mut TestEnv, user_id: &str) -> Streaming<proto::WatchAccessTokenResponse> {
+    env.client
+        .watch_access_token(proto::WatchAccessTokenRequest {
+            user_id: user_id.to_owned(),
+            min_valid_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Returns the next message of a watch, failing the test after [`PROMPT`].
+async fn next_event(
+    stream: &mut Streaming<proto::WatchAccessTokenResponse>,
+    limit: Duration,
+) -> Result<Option<Event>, tonic::Status> {
+    let message = tokio::time::timeout(limit, stream.message())
+        .await
+        .expect("the watch sent nothing in time")?;
+    Ok(message.map(|message| message.event.expect("a watch message carries an event")))
+}
+
+fn token_of(event: Option<Event>) -> proto::AccessToken {
+    match event {
+        Some(Event::AccessToken(token)) => token,
+        other => panic!(
+            "expected an access token, got {:?}",
+            other.map(|_| "status")
+        ),
+    }
+}
+
+async fn health_follows_lifecycle(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let channel = channel(&env).await;
+
+    // The daemon reports SERVING once its first query to the migrated store returned.
+    wait_until("health is SERVING", PROMPT, || {
+        let channel = channel.clone();
+        async move { health_status(channel, "").await.unwrap() == ServingStatus::Serving }
+    })
+    .await;
+    let service = health_status(channel.clone(), "tokend.v1.TokenService").await;
+    assert_eq!(service.unwrap(), ServingStatus::Serving);
+    let unknown = health_status(channel.clone(), "no.such.Service").await;
+    assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
+
+    // A watch opened before shutdown sees the status change during the drain.
+    let request = HealthCheckRequest {
+        service: "tokend.v1.TokenService".to_owned(),
+    };
+    let mut health_watch = HealthClient::new(channel.clone())
+        .watch(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = health_watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let daemon = env.daemon.take().unwrap();
+    let stopped = tokio::spawn(daemon.shutdown());
+    let next = tokio::time::timeout(PROMPT, health_watch.message())
+        .await
+        .expect("no health change during shutdown")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    drop(health_watch);
+    drop(channel);
+    tokio::time::timeout(Duration::from_secs(30), stopped)
+        .await
+        .expect("shutdown did not finish")
+        .unwrap()
+        .unwrap();
+}
+
+async fn reflection_lists_services(backend: Backend) {
+    use tonic_reflection::pb::{v1, v1alpha};
+
+    let env = TestEnv::start_on(&backend, Options::default()).await;
+    let channel = channel(&env).await;
+
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("v1 reflection did not list services");
+    };
+    let names: Vec<&str> = list
+        .service
+        .iter()
+        .map(|service| service.name.as_str())
+        .collect();
+    assert!(names.contains(&"tokend.v1.TokenService"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "tokend.v1.TokenService".to_owned(),
+            ),
+        ),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        response.message_response
+    else {
+        panic!("v1 reflection returned no file for TokenService");
+    };
+    let methods: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| <prost_types::FileDescriptorProto as prost::Message>::decode(&bytes[..]))
+        .flat_map(|file| file.unwrap().service)
+        .flat_map(|service| service.method)
+        .filter_map(|method| method.name)
+        .collect();
+    for method in [
+        "WatchAccessToken",
+        "RefreshAccessToken",
+        "ListTokenSets",
+        "ImportTokenSet",
+    ] {
+        assert!(
+            methods.iter().any(|name| name == method),
+            "{method} missing"
+        );
+    }
+
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("v1alpha reflection did not list services");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|service| service.name == "tokend.v1.TokenService")
+    );
+}
+
+async fn list_pages_through_token_sets(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    for user_id in ["dave", "alice", "carol", "bob", "erin"] {
+        env.exchange(user_id).await;
+    }
+    // Erin withdraws consent, so her next refresh ends the grant.
+    env.emulator.revoke_customer("erin");
+    let refreshed = env
+        .client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "erin".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refreshed.code(), Code::FailedPrecondition);
+
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = env
+            .client
+            .list_token_sets(proto::ListTokenSetsRequest {
+                page_size: 2,
+                page_token: page_token.clone(),
+                statuses: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.token_sets.len() <= 2);
+        seen.extend(page.token_sets.iter().map(|info| info.user_id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, ["alice", "bob", "carol", "dave", "erin"]);
+    assert_eq!(pages, 3);
+
+    let reauth = env
+        .client
+        .list_token_sets(proto::ListTokenSetsRequest {
+            page_size: 0,
+            page_token: String::new(),
+            statuses: vec![proto::TokenStatus::ReauthRequired.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reauth.token_sets.len(), 1);
+    assert_eq!(reauth.token_sets[0].user_id, "erin");
+    assert_eq!(
+        reauth.token_sets[0].status(),
+        proto::TokenStatus::ReauthRequired
+    );
+    assert!(reauth.next_page_token.is_empty());
+
+    let active = env
+        .client
+        .list_token_sets(proto::ListTokenSetsRequest {
+            page_size: 3,
+            page_token: String::new(),
+            statuses: vec![proto::TokenStatus::Active.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = active
+        .token_sets
+        .iter()
+        .map(|info| info.user_id.as_str())
+        .collect();
+    assert_eq!(names, ["alice", "bob", "carol"]);
+    // A page token is valid only with the filter it was issued for.
+    let mismatched = env
+        .client
+        .list_token_sets(proto::ListTokenSetsRequest {
+            page_size: 3,
+            page_token: active.next_page_token,
+            statuses: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(mismatched.code(), Code::InvalidArgument);
+    assert!(mismatched.message().contains("page_token"));
+}
+
+async fn import_then_refresh_and_serve(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let grant = grant_from_elsewhere(&env, "alice").await;
+
+    let info = env
+        .client
+        .import_token_set(import_request("alice", &grant))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.user_id, "alice");
+    assert_eq!(info.status(), proto::TokenStatus::Active);
+    assert_eq!(info.scopes, ["offline", "user_profile"]);
+    assert!(info.next_refresh_at.is_some(), "no refresh scheduled");
+    let lifetime = millis(&info.expires_at) - now_millis();
+    assert!((3_500_000..=3_600_000).contains(&lifetime), "{lifetime} ms");
+
+    let served = env.access_token("alice").await.unwrap();
+    assert_eq!(served.access_token, grant.access_token.expose_secret());
+
+    // The imported refresh token works with Tiki.
+    let refreshed = env
+        .client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(refreshed.access_token, grant.access_token.expose_secret());
+    assert!(env.emulator.access_token_valid(&refreshed.access_token));
+    assert_eq!(env.emulator.stats().refreshes, 1);
+
+    // Importing again fails unless replacing is requested.
+    let other = grant_from_elsewhere(&env, "alice").await;
+    let again = env
+        .client
+        .import_token_set(import_request("alice", &other))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    assert!(again.message().contains("replace_existing"));
+    let current = env.access_token("alice").await.unwrap();
+    assert_eq!(current.access_token, refreshed.access_token);
+
+    let replacing = proto::ImportTokenSetRequest {
+        replace_existing: true,
+        ..import_request("alice", &other)
+    };
+    env.client.import_token_set(replacing).await.unwrap();
+    let replaced = env.access_token("alice").await.unwrap();
+    assert_eq!(replaced.access_token, other.access_token.expose_secret());
+}
+
+async fn expired_import_refreshes_at_once(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let grant = grant_from_elsewhere(&env, "alice").await;
+    let request = proto::ImportTokenSetRequest {
+        expiry: Some(proto::import_token_set_request::Expiry::ExpiresAt(
+            prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp() - 60,
+                nanos: 0,
+            },
+        )),
+        ..import_request("alice", &grant)
+    };
+    env.client.import_token_set(request).await.unwrap();
+
+    let served = env.access_token("alice").await.unwrap();
+    assert_ne!(served.access_token, grant.access_token.expose_secret());
+    assert!(env.emulator.access_token_valid(&served.access_token));
+    assert!(millis(&served.expires_at) > now_millis() + 3_000_000);
+}
+
+async fn concurrent_refreshes_share_one(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    env.exchange("alice").await;
+    // A slow Tiki keeps the first refresh running while the other calls arrive.
+    env.emulator
+        .inject(Fault::DelayBefore(Duration::from_millis(1500)), Some(1));
+
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = env.client.clone();
+            tokio::spawn(async move {
+                client
+                    .refresh_access_token(proto::RefreshAccessTokenRequest {
+                        user_id: "alice".to_owned(),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for call in calls {
+        tokens.push(call.await.unwrap().unwrap().access_token);
+    }
+
+    assert_eq!(env.emulator.stats().refresh_requests, 1);
+    assert!(
+        tokens.iter().all(|token| *token == tokens[0]),
+        "calls got different tokens"
+    );
+    assert!(env.emulator.access_token_valid(&tokens[0]));
+
+    // A later call, after the refresh finished, refreshes again.
+    let later = env
+        .client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(later.access_token, tokens[0]);
+    assert_eq!(env.emulator.stats().refresh_requests, 2);
+}
+
+async fn refresh_of_unknown_user_is_not_found(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let status = env
+        .client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "nobody".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(env.emulator.stats().refresh_requests, 0);
+}
+
+async fn watch_follows_refreshes(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    env.exchange("alice").await;
+    let mut stream = watch(&mut env, "alice").await;
+
+    let first = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+    let current = env.access_token("alice").await.unwrap();
+    assert_eq!(first.access_token, current.access_token);
+
+    let refreshed = env
+        .client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let second = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+    assert_eq!(second.access_token, refreshed.access_token);
+    assert_ne!(second.access_token, first.access_token);
+
+    // A new exchange is announced too.
+    env.exchange("alice").await;
+    let third = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+    let current = env.access_token("alice").await.unwrap();
+    assert_eq!(third.access_token, current.access_token);
+
+    env.client
+        .delete_token_set(proto::DeleteTokenSetRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap();
+    let ended = next_event(&mut stream, PROMPT).await.unwrap_err();
+    assert_eq!(ended.code(), Code::NotFound);
+}
+
+async fn watch_sees_scheduled_refresh(backend: Backend) {
+    let options = Options {
+        expires_in: 6,
+        refresh_before: Duration::from_secs(1),
+        ..Options::default()
+    };
+    let mut env = TestEnv::start_on(&backend, options).await;
+    env.exchange("alice").await;
+    let mut stream = watch(&mut env, "alice").await;
+    let first = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+
+    let second = token_of(
+        next_event(&mut stream, Duration::from_secs(15))
+            .await
+            .unwrap(),
+    );
+    assert_ne!(second.access_token, first.access_token);
+    assert!(env.emulator.access_token_valid(&second.access_token));
+    assert!(env.emulator.stats().refreshes >= 1);
+}
+
+async fn watch_ends_on_reauth(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    env.exchange("alice").await;
+    let mut stream = watch(&mut env, "alice").await;
+    token_of(next_event(&mut stream, PROMPT).await.unwrap());
+
+    env.emulator.revoke_customer("alice");
+    let refresh = env
+        .client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refresh.code(), Code::FailedPrecondition);
+
+    match next_event(&mut stream, PROMPT).await.unwrap() {
+        Some(Event::StatusChange(change)) => {
+            assert_eq!(change.status(), proto::TokenStatus::ReauthRequired);
+            assert!(!change.reason.is_empty());
+        }
+        other => panic!("expected a status change, got {:?}", other.is_some()),
+    }
+    let end = next_event(&mut stream, PROMPT).await.unwrap();
+    assert!(end.is_none(), "the stream went on after the status change");
+}
+
+async fn watch_ends_on_shutdown(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    env.exchange("alice").await;
+    let mut stream = watch(&mut env, "alice").await;
+    token_of(next_event(&mut stream, PROMPT).await.unwrap());
+
+    let daemon = env.daemon.take().unwrap();
+    let stopped = tokio::spawn(daemon.shutdown());
+    let ended = next_event(&mut stream, PROMPT).await.unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable);
+    assert!(ended.message().contains("shutting down"));
+    // The open stream must not hold up shutdown until the grace period ends.
+    tokio::time::timeout(Duration::from_secs(8), stopped)
+        .await
+        .expect("shutdown waited for the watch")
+        .unwrap()
+        .unwrap();
+}
+
+async fn watch_of_unknown_user_is_not_found(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let status = env
+        .client
+        .watch_access_token(proto::WatchAccessTokenRequest {
+            user_id: "nobody".to_owned(),
+            min_valid_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+backend_tests! {
+    health_follows_lifecycle,
+    reflection_lists_services,
+    list_pages_through_token_sets,
+    import_then_refresh_and_serve,
+    expired_import_refreshes_at_once,
+    concurrent_refreshes_share_one,
+    refresh_of_unknown_user_is_not_found,
+    watch_follows_refreshes,
+    watch_sees_scheduled_refresh,
+    watch_ends_on_reauth,
+    watch_ends_on_shutdown,
+    watch_of_unknown_user_is_not_found,
+}
