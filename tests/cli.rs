@@ -8,7 +8,10 @@ use std::{
     path::Path,
     process::{Command, Output, Stdio},
     sync::Arc,
+    time::Duration,
 };
+
+use secrecy::{ExposeSecret as _, SecretString};
 
 use support::{
     Backend, Options,
@@ -20,6 +23,7 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig},
     server::Daemon,
     settings::AccessSettings,
+    tiki::{TokenApi as _, graphql::GraphqlClient},
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_tokend");
@@ -215,7 +219,126 @@ async fn migrate_creates_the_table(backend: Backend) {
     }
 }
 
+/// Runs `command` with `args` and `input` on stdin, on a blocking thread.
+async fn run_with_input(mut command: Command, args: &[&str], input: String) -> Output {
+    command.args(args).stdin(Stdio::piped());
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    tokio::task::spawn_blocking(move || {
+        let mut child = command.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Exchanges a code with the emulator the way another system would, and returns the
+/// token set as the JSON that `tokend import` reads.
+async fn token_set_from_elsewhere(emulator: &Emulator, user_id: &str) -> (String, String) {
+    let client = GraphqlClient::new(
+        emulator.graphql_url(),
+        "sandbox-client".to_owned(),
+        SecretString::from("sandbox-secret"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let code = emulator.issue_auth_code(user_id, &["offline", "user_profile"]);
+    let grant = client.exchange(&SecretString::from(code)).await.unwrap();
+    let access_token = grant.access_token.expose_secret().to_owned();
+    let json = serde_json::json!({
+        "access_token": access_token,
+        "refresh_token": grant.refresh_token.as_ref().unwrap().expose_secret(),
+        "expires_in": grant.expires_in,
+        "scopes": grant.scopes,
+    });
+    (json.to_string(), access_token)
+}
+
+fn rows(stdout: &[u8]) -> Vec<String> {
+    text(stdout).lines().skip(1).map(str::to_owned).collect()
+}
+
+async fn token_set_commands_work(backend: Backend) {
+    let secured = start_secured(&backend).await;
+    let reader = Some(secured.reader_key.as_str());
+    let admin = Some(secured.admin_key.as_str());
+    for user_id in ["u1", "u2", "u3"] {
+        let code = secured
+            .emulator
+            .issue_auth_code(user_id, &["offline", "user_profile"]);
+        let args = ["exchange", "--user-id", user_id, "--auth-code", &code];
+        let output = run(secured.command(admin), &args).await;
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+
+    let output = run(secured.command(reader), &["list", "--page-size", "2"]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let first_page = rows(&output.stdout);
+    assert_eq!(first_page.len(), 2, "{first_page:?}");
+    assert!(first_page[0].starts_with("u1\tactive\t"), "{first_page:?}");
+    let stderr = text(&output.stderr);
+    let page_token = stderr
+        .trim()
+        .rsplit(' ')
+        .next()
+        .expect("a page token on stderr")
+        .to_owned();
+    assert!(stderr.contains("--page-token"), "{stderr}");
+    let args = ["list", "--page-size", "2", "--page-token", &page_token];
+    let output = run(secured.command(reader), &args).await;
+    let second_page = rows(&output.stdout);
+    assert_eq!(second_page.len(), 1, "{second_page:?}");
+    assert!(second_page[0].starts_with("u3\t"), "{second_page:?}");
+    let args = ["list", "--page-size", "2", "--all", "--status", "active"];
+    let output = run(secured.command(reader), &args).await;
+    assert_eq!(rows(&output.stdout).len(), 3);
+    let args = ["list", "--status", "reauth_required"];
+    let output = run(secured.command(reader), &args).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(rows(&output.stdout).is_empty());
+
+    let output = run(secured.command(reader), &["refresh", "--user-id", "u2"]).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("refreshed the token set of u2"));
+    assert_eq!(secured.emulator.stats().refreshes, 1);
+
+    let (json, imported_token) = token_set_from_elsewhere(&secured.emulator, "u4").await;
+    let args = ["import", "--user-id", "u4"];
+    let output = run_with_input(secured.command(reader), &args, json.clone()).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("PermissionDenied"));
+    let output = run_with_input(secured.command(admin), &args, json.clone()).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("user_id:         u4"));
+    assert!(!text(&output.stdout).contains(&imported_token));
+    let output = run_with_input(secured.command(admin), &args, json.clone()).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("AlreadyExists"));
+    let args = ["import", "--user-id", "u4", "--replace"];
+    let output = run_with_input(secured.command(admin), &args, json).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let output = run_with_input(secured.command(admin), &args, "{}".to_owned()).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("access_token"));
+
+    let args = ["watch", "--user-id", "u4", "--count", "1"];
+    let output = run(secured.command(reader), &args).await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    let (expires_at, token) = stdout.trim().split_once(' ').expect("EXPIRES_AT TOKEN");
+    assert!(expires_at.ends_with('Z'), "{expires_at}");
+    assert!(token == imported_token, "watch printed another token");
+
+    secured.daemon.shutdown().await.unwrap();
+}
+
 backend_tests!(
+    token_set_commands_work,
     subcommands_use_tls_and_keys,
     client_without_certificate_fails,
     migrate_creates_the_table,
