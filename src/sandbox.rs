@@ -28,6 +28,13 @@ pub async fn run(
     emulator_addr: SocketAddr,
     expires_in: u64,
 ) -> anyhow::Result<()> {
+    // The sandbox has no TLS and no API keys, so it serves only this host.
+    if !grpc_addr.ip().is_loopback() {
+        anyhow::bail!(
+            "the sandbox serves tokens without TLS or API keys, so it binds only loopback \
+             addresses; set TOKEND_GRPC_ADDR to one such as 127.0.0.1:50051 instead of {grpc_addr}"
+        );
+    }
     // The emulator keeps its token families in memory, so tokens stored by an earlier
     // sandbox run would be unknown to it and fail their first refresh. The database's
     // lock is held while the files go, so that a running sandbox keeps its database.

@@ -406,3 +406,20 @@ fn wildcard_bind_starts_with_api_keys() {
     assert!(!log.contains(READER_KEY), "the key was logged");
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[test]
+fn sandbox_binds_only_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args(["serve", "--sandbox", "--emulator-addr", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("TOKEND_GRPC_ADDR", "0.0.0.0:0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("loopback"), "{stderr}");
+    assert!(stderr.contains("TOKEND_GRPC_ADDR"), "{stderr}");
+}
