@@ -1,15 +1,16 @@
-//! The command line: `serve` runs the daemon, and the other subcommands call a running
-//! daemon over gRPC, as any sibling service would.
+//! The command line. `serve` runs the daemon, and `api-key`, `migrate` and
+//! `check-config` work locally. The other subcommands call a running daemon over gRPC,
+//! as any sibling service would.
+
+mod client;
+mod local;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand};
-use tonic::transport::Channel;
 
 use crate::{
-    proto::{self, token_service_client::TokenServiceClient},
-    settings::DEFAULT_GRPC_ADDR,
+    settings::{DEFAULT_DATABASE_URL, DEFAULT_GRPC_ADDR},
     telemetry::LogFormat,
 };
 
@@ -44,6 +45,7 @@ pub enum Command {
         min_valid: u32,
     },
     /// Print a user's token set metadata (never a token).
+    #[command(visible_alias = "get")]
     Show {
         #[command(flatten)]
         target: Target,
@@ -53,7 +55,78 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Refresh a user's token set now and print when the new access token expires.
+    Refresh {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List token sets' metadata (never a token), ordered by user id.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+        /// Only token sets with this status; repeat for several.
+        #[arg(long = "status", value_name = "STATUS", value_parser = STATUSES)]
+        statuses: Vec<String>,
+        /// Token sets per page, 1 to 1000; 0 lets the daemon choose (100).
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        /// The page token that the previous page printed on stderr.
+        #[arg(long, default_value = "")]
+        page_token: String,
+        /// Follow the page tokens and print every page.
+        #[arg(long, conflicts_with = "page_token")]
+        all: bool,
+    },
+    /// Store a token set obtained elsewhere, read as JSON from stdin:
+    /// {"access_token": "...", "refresh_token": "...", "expires_in": 3600, "scopes": [...]}
+    /// (`expires_at` as RFC 3339 may replace `expires_in`; `refresh_token` may be absent).
+    Import {
+        #[command(flatten)]
+        target: Target,
+        /// Replace a token set the user already has.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Print a user's access token, then each new one after every refresh, one per line
+    /// as `EXPIRES_AT TOKEN`.
+    Watch {
+        #[command(flatten)]
+        target: Target,
+        /// Seconds the first token must stay valid, as for `token`.
+        #[arg(long, default_value_t = 0)]
+        min_valid: u32,
+        /// Exit after this many tokens; 0 follows until the stream ends.
+        #[arg(long, default_value_t = 0)]
+        count: u32,
+    },
+    /// Generate an API key. Prints the key, then the line that grants it the role in
+    /// the api_keys_file; the line holds only the key's SHA-256.
+    ApiKey {
+        /// The role the key grants.
+        #[arg(long, value_parser = ["reader", "admin"])]
+        role: String,
+        /// A name for the caller, shown in the daemon's logs; no spaces.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate {
+        /// sqlite://PATH or postgres://...
+        #[arg(long, env = "TOKEND_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
+    /// Validate the daemon's settings, reach the database and Tiki, and print what was
+    /// checked. Tiki is asked to refresh a made-up refresh token, which shows whether it
+    /// accepts the client credentials. Exits non-zero when a check fails.
+    CheckConfig {
+        /// TOML settings file, as for `serve`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
+
+/// Status names that `list --status` accepts, as the database stores them.
+const STATUSES: [&str; 3] = ["active", "refresh_failing", "reauth_required"];
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -77,6 +150,17 @@ pub struct ServeArgs {
     /// Log line format on stderr: text for people, json for one JSON object per line.
     #[arg(long, value_enum, env = "TOKEND_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Lifetime of the sandbox's access tokens, in seconds. tokend refreshes them
+    /// halfway through, so a short lifetime shows refreshes quickly.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = crate::sandbox::SANDBOX_EXPIRES_IN,
+        value_parser = clap::value_parser!(u64).range(2..=86_400),
+        requires = "sandbox"
+    )]
+    pub token_lifetime: u64,
 }
 
 /// Settings help shown under `tokend serve --help`.
@@ -97,146 +181,65 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_SHUTDOWN_GRACE       seconds to finish gRPC calls and refreshes on shutdown (default 30)
   TOKEND_REFRESH_LEASE        seconds a claim lasts (default 60)
   TOKEND_REPLICA_ID           this replica's name (default HOST-PID)
+  TOKEND_TLS_CERT_FILE        PEM certificate chain for TLS on the gRPC port
+  TOKEND_TLS_KEY_FILE         PEM private key of that certificate
+  TOKEND_TLS_CLIENT_CA_FILE   PEM CA that client certificates must chain to (mTLS)
+  TOKEND_API_KEYS_FILE        API keys file, one `ROLE sha256:HEX [NAME]` per line
+  TOKEND_ALLOW_INSECURE_BIND  true to allow a non-loopback address without TLS or keys
   TOKEND_LOG                  log filter (default info)
   TOKEND_LOG_FORMAT           log format, text or json (default text; same as --log-format)
 The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.
 Invalid settings exit with code 78 before any port is bound.";
 
+/// The address, TLS files and API key with which a client subcommand reaches the
+/// daemon.
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The daemon's gRPC address: HOST:PORT, http://HOST:PORT, or https://HOST:PORT for
+    /// TLS (also chosen by any TLS option).
+    #[arg(long, env = "TOKEND_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
+    pub addr: String,
+    /// API key sent as `authorization: Bearer KEY`. Prefer the variable: other users
+    /// of the host can read command lines.
+    #[arg(long, env = "TOKEND_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// PEM CA certificate that signed the daemon's certificate; turns on TLS.
+    #[arg(long, env = "TOKEND_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a daemon that requires one.
+    #[arg(long, env = "TOKEND_CLIENT_CERT_FILE", value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "TOKEND_CLIENT_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// The name the daemon's certificate carries, when it differs from the address.
+    #[arg(long, env = "TOKEND_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+}
+
 /// The daemon and user a client subcommand addresses.
 #[derive(Debug, Args)]
 pub struct Target {
-    /// The daemon's gRPC address.
-    #[arg(long, env = "TOKEND_GRPC_ADDR", default_value = DEFAULT_GRPC_ADDR)]
-    pub addr: String,
+    #[command(flatten)]
+    pub connection: Connection,
     /// The user's id in the calling service.
     #[arg(long)]
     pub user_id: String,
 }
 
-/// Runs a client subcommand and returns the process exit code.
+/// Runs a subcommand other than `serve` and returns the process exit code.
 pub async fn run_client(command: Command) -> ExitCode {
-    match call(command).await {
+    let result = match command {
+        Command::ApiKey { role, name } => local::api_key(&role, name.as_deref()),
+        Command::Migrate { database_url } => local::migrate(&database_url).await,
+        Command::CheckConfig { config } => local::check_config(config.as_deref()).await,
+        command => client::call(command).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
-}
-
-async fn call(command: Command) -> Result<(), String> {
-    let addr = match &command {
-        Command::Serve(_) => String::new(),
-        Command::Exchange { target, .. }
-        | Command::Token { target, .. }
-        | Command::Show { target }
-        | Command::Delete { target } => target.addr.clone(),
-    };
-    let status_message = |status: tonic::Status| {
-        format!(
-            "tokend at {addr} returned {:?}: {}",
-            status.code(),
-            status.message()
-        )
-    };
-    match command {
-        Command::Serve(_) => Err("serve is not a client subcommand".to_owned()),
-        Command::Exchange { target, auth_code } => {
-            let mut client = connect(&target.addr).await?;
-            let request = proto::ExchangeAuthCodeRequest {
-                user_id: target.user_id,
-                auth_code,
-            };
-            let info = client
-                .exchange_auth_code(request)
-                .await
-                .map_err(status_message)?;
-            print_info(&info.into_inner());
-            Ok(())
-        }
-        Command::Token { target, min_valid } => {
-            let mut client = connect(&target.addr).await?;
-            let request = proto::GetAccessTokenRequest {
-                user_id: target.user_id,
-                min_valid_seconds: min_valid,
-            };
-            let token = client
-                .get_access_token(request)
-                .await
-                .map_err(status_message)?;
-            println!("{}", token.into_inner().access_token);
-            Ok(())
-        }
-        Command::Show { target } => {
-            let mut client = connect(&target.addr).await?;
-            let request = proto::GetTokenSetRequest {
-                user_id: target.user_id,
-            };
-            let info = client
-                .get_token_set(request)
-                .await
-                .map_err(status_message)?;
-            print_info(&info.into_inner());
-            Ok(())
-        }
-        Command::Delete { target } => {
-            let mut client = connect(&target.addr).await?;
-            let request = proto::DeleteTokenSetRequest {
-                user_id: target.user_id.clone(),
-            };
-            client
-                .delete_token_set(request)
-                .await
-                .map_err(status_message)?;
-            println!("deleted the token set of {}", target.user_id);
-            Ok(())
-        }
-    }
-}
-
-async fn connect(addr: &str) -> Result<TokenServiceClient<Channel>, String> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    TokenServiceClient::connect(url.clone())
-        .await
-        .map_err(|error| {
-            format!("connecting to tokend at {url} failed: {error}; is `tokend serve` running?")
-        })
-}
-
-fn print_info(info: &proto::TokenSetInfo) {
-    // Print the status as the database stores it, e.g. `reauth_required`.
-    let status = proto::TokenStatus::try_from(info.status)
-        .map(|status| {
-            status
-                .as_str_name()
-                .trim_start_matches("TOKEN_STATUS_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".to_owned());
-    let time = |timestamp: &Option<prost_types::Timestamp>| {
-        timestamp
-            .as_ref()
-            .and_then(|ts| DateTime::<Utc>::from_timestamp(ts.seconds, ts.nanos.max(0) as u32))
-            .map(|time| time.to_rfc3339_opts(SecondsFormat::Millis, true))
-            .unwrap_or_else(|| "-".to_owned())
-    };
-    println!("user_id:         {}", info.user_id);
-    println!("status:          {status}");
-    println!("scopes:          {}", info.scopes.join(" "));
-    println!("expires_at:      {}", time(&info.expires_at));
-    println!("next_refresh_at: {}", time(&info.next_refresh_at));
-    println!("refreshed_at:    {}", time(&info.refreshed_at));
-    println!("failure_count:   {}", info.failure_count);
-    let last_error = if info.last_error.is_empty() {
-        "-"
-    } else {
-        info.last_error.as_str()
-    };
-    println!("last_error:      {last_error}");
-    println!("created_at:      {}", time(&info.created_at));
-    println!("updated_at:      {}", time(&info.updated_at));
 }

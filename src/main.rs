@@ -34,7 +34,15 @@ async fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        return report(sandbox::run(grpc_addr, admin_addr, args.emulator_addr).await);
+        return report(
+            sandbox::run(
+                grpc_addr,
+                admin_addr,
+                args.emulator_addr,
+                args.token_lifetime,
+            )
+            .await,
+        );
     }
 
     let settings = match Settings::load(args.config.as_deref()) {

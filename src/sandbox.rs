@@ -11,22 +11,31 @@ use tracing::info;
 use crate::{
     emulator::{Emulator, EmulatorConfig},
     server::Daemon,
-    settings::Settings,
+    settings::{AccessSettings, Settings},
     store::sqlite::lock_database,
 };
 
 /// The sandbox's database file, in the working directory.
 pub const SANDBOX_DATABASE: &str = "tokend-sandbox.db";
 
-/// Lifetime of the sandbox's access tokens, in seconds.
+/// Default lifetime of the sandbox's access tokens, in seconds.
 pub const SANDBOX_EXPIRES_IN: u64 = 60;
 
-/// Runs the sandbox until SIGINT or SIGTERM.
+/// Runs the sandbox, whose access tokens live `expires_in` seconds, until SIGINT or
+/// SIGTERM.
 pub async fn run(
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
     emulator_addr: SocketAddr,
+    expires_in: u64,
 ) -> anyhow::Result<()> {
+    // The sandbox has no TLS and no API keys, so it serves only this host.
+    if !grpc_addr.ip().is_loopback() {
+        anyhow::bail!(
+            "the sandbox serves tokens without TLS or API keys, so it binds only loopback \
+             addresses; set TOKEND_GRPC_ADDR to one such as 127.0.0.1:50051 instead of {grpc_addr}"
+        );
+    }
     // The emulator keeps its token families in memory, so tokens stored by an earlier
     // sandbox run would be unknown to it and fail their first refresh. The database's
     // lock is held while the files go, so that a running sandbox keeps its database.
@@ -43,7 +52,7 @@ pub async fn run(
     drop(lock);
 
     let config = EmulatorConfig {
-        expires_in: SANDBOX_EXPIRES_IN,
+        expires_in,
         ..EmulatorConfig::default()
     };
     let settings = Settings {
@@ -61,6 +70,7 @@ pub async fn run(
         shutdown_grace: Duration::from_secs(10),
         refresh_lease: Duration::from_secs(60),
         replica_id: "sandbox".to_owned(),
+        access: AccessSettings::default(),
     };
     let emulator = Emulator::start_on(emulator_addr, config)
         .await
@@ -72,14 +82,17 @@ pub async fn run(
         ..settings
     };
     let daemon = Daemon::start(&settings).await?;
-    println!("{}", walkthrough(daemon.grpc_addr(), emulator.addr()));
+    println!(
+        "{}",
+        walkthrough(daemon.grpc_addr(), emulator.addr(), expires_in)
+    );
 
     let result = daemon.run_until_signal().await;
     emulator.shutdown().await;
     result
 }
 
-fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
+fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr, expires_in: u64) -> String {
     // `cargo run` sets CARGO for the program it runs. Otherwise repeat the command as
     // it was typed, which works whether or not tokend is on the PATH.
     let program = if std::env::var_os("CARGO").is_some() {
@@ -94,11 +107,13 @@ fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
     } else {
         format!(" --addr {grpc_addr}")
     };
+    // The refresh policy never refreshes before halfway through a token's lifetime.
+    let refresh_interval = expires_in / 2;
     format!(
         "\n\
          tokend sandbox is running\n\
          \x20 gRPC service:   {grpc_addr}\n\
-         \x20 Tiki emulator:  http://{emulator_addr} (access tokens live {SANDBOX_EXPIRES_IN} s)\n\
+         \x20 Tiki emulator:  http://{emulator_addr} (access tokens live {expires_in} s)\n\
          \x20 database:       {SANDBOX_DATABASE}\n\
          \n\
          Try it from another terminal in this directory:\n\
@@ -110,7 +125,7 @@ fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
          \x20 sqlite3 -header -column {SANDBOX_DATABASE} 'select user_id, status, expires_at, next_refresh_at, refreshed_at from token_sets'\n\
          \x20 {program} delete{addr} --user-id alice\n\
          \n\
-         This log shows \"token set refreshed\" about every 30 seconds, before each token expires.\n\
+         This log shows \"token set refreshed\" about every {refresh_interval} seconds, before each token expires.\n\
          Stop the sandbox with Ctrl-C.\n"
     )
 }

@@ -15,6 +15,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{error, info, warn};
 
 use crate::{
+    access::AuthLayer,
     admin::{self, AdminState},
     grpc::{MAX_REQUEST_BYTES, TokenGrpcService},
     proto::{self, token_service_server::TokenServiceServer},
@@ -133,8 +134,16 @@ impl Daemon {
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = &settings.access.tls {
+            builder = builder
+                .tls_config(tls.server_config())
+                .context("configuring TLS on the gRPC port failed")?;
+        }
+        log_access(settings, grpc_addr);
+        let server = builder
             .layer(telemetry::grpc::GrpcMetricsLayer)
+            .layer(AuthLayer::new(settings.access.api_keys.clone()))
             .add_service(token_service)
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
@@ -294,6 +303,32 @@ async fn serve_within_grace(
             warn!(?grace, "gRPC calls still open after the grace period were cut");
             Ok(())
         }
+    }
+}
+
+/// Logs how callers are authenticated, and warns about a setup that lets anyone who
+/// reaches a non-loopback port read tokens.
+fn log_access(settings: &Settings, grpc_addr: SocketAddr) {
+    let access = &settings.access;
+    let client_certificates = access
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca_pem.is_some());
+    let api_keys = access.api_keys.as_ref().map_or(0, |keys| keys.len());
+    info!(
+        tls = access.tls.is_some(),
+        client_certificates, api_keys, "caller authentication configured"
+    );
+    if let Some(keys) = &access.api_keys {
+        for line in keys.plain_lines() {
+            warn!(
+                line,
+                "the API keys file holds a plain key; replace it with its sha256: form from `tokend api-key`"
+            );
+        }
+    }
+    if !grpc_addr.ip().is_loopback() && !client_certificates && api_keys == 0 {
+        warn!(%grpc_addr, "any caller that reaches this address may exchange, read and delete token sets; set api_keys_file or tls_client_ca_file");
     }
 }
 

@@ -3,10 +3,12 @@
 //! the same in both places: `grpc_addr` in the file is `TOKEND_GRPC_ADDR` in the
 //! environment.
 
-use std::{fs, net::SocketAddr, path::Path, time::Duration};
+use std::{fs, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use secrecy::SecretString;
 use serde::Deserialize;
+
+use crate::access::{ApiKeys, tls::TlsSettings};
 
 /// Tiki's production generation-1 endpoint.
 pub const DEFAULT_TIKI_GRAPHQL_URL: &str = "https://api.tiki.vn/tiniapp/api/graphql/query";
@@ -46,6 +48,18 @@ pub struct Settings {
     pub refresh_lease: Duration,
     /// Identifies this replica in claims and in the `updated_by` column.
     pub replica_id: String,
+    /// Caller authentication on the gRPC port.
+    pub access: AccessSettings,
+}
+
+/// Caller authentication on the gRPC port. The default, no TLS and no keys, lets every
+/// caller do everything, which is safe only on a loopback address.
+#[derive(Debug, Clone, Default)]
+pub struct AccessSettings {
+    /// TLS for the gRPC port, and the client CA when client certificates are required.
+    pub tls: Option<TlsSettings>,
+    /// API keys and their roles; `None` lets every caller act as an admin.
+    pub api_keys: Option<Arc<ApiKeys>>,
 }
 
 /// A setting that is missing or invalid, with the key to fix.
@@ -85,6 +99,11 @@ struct RawSettings {
     shutdown_grace: Option<u64>,
     refresh_lease: Option<u64>,
     replica_id: Option<String>,
+    tls_cert_file: Option<String>,
+    tls_key_file: Option<String>,
+    tls_client_ca_file: Option<String>,
+    api_keys_file: Option<String>,
+    allow_insecure_bind: Option<bool>,
 }
 
 impl Settings {
@@ -164,6 +183,20 @@ impl RawSettings {
         if let Some(value) = text("TOKEND_REPLICA_ID") {
             self.replica_id = Some(value);
         }
+        let files = [
+            ("TOKEND_TLS_CERT_FILE", &mut self.tls_cert_file),
+            ("TOKEND_TLS_KEY_FILE", &mut self.tls_key_file),
+            ("TOKEND_TLS_CLIENT_CA_FILE", &mut self.tls_client_ca_file),
+            ("TOKEND_API_KEYS_FILE", &mut self.api_keys_file),
+        ];
+        for (name, field) in files {
+            if let Some(value) = text(name) {
+                *field = Some(value);
+            }
+        }
+        if let Some(value) = text("TOKEND_ALLOW_INSECURE_BIND") {
+            self.allow_insecure_bind = Some(parse_bool("allow_insecure_bind", &value)?);
+        }
         let numbers = [
             (
                 "refresh_before",
@@ -239,6 +272,17 @@ impl RawSettings {
                 "{grpc_addr:?} is not an IP address and port such as {DEFAULT_GRPC_ADDR}"
             ),
         })?;
+        let access = access_settings(
+            self.tls_cert_file,
+            self.tls_key_file,
+            self.tls_client_ca_file,
+            self.api_keys_file,
+        )?;
+        check_bind(
+            grpc_addr,
+            &access,
+            self.allow_insecure_bind.unwrap_or(false),
+        )?;
 
         let admin_addr = socket_addr("admin_addr", self.admin_addr, DEFAULT_ADMIN_ADDR)?;
         if admin_addr == grpc_addr && grpc_addr.port() != 0 {
@@ -297,7 +341,98 @@ impl RawSettings {
             shutdown_grace: seconds("shutdown_grace", self.shutdown_grace, 30, 0, 3600)?,
             refresh_lease,
             replica_id,
+            access,
         })
+    }
+}
+
+fn access_settings(
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    client_ca_file: Option<String>,
+    api_keys_file: Option<String>,
+) -> Result<AccessSettings, SettingsError> {
+    let tls = match (cert_file, key_file) {
+        (Some(cert), Some(key)) => Some(
+            TlsSettings::load(
+                Path::new(&cert),
+                Path::new(&key),
+                client_ca_file.as_deref().map(Path::new),
+            )
+            .map_err(|error| SettingsError::Invalid {
+                key: error.key,
+                message: error.message,
+            })?,
+        ),
+        (None, None) if client_ca_file.is_some() => {
+            return Err(SettingsError::Invalid {
+                key: "tls_client_ca_file",
+                message: "client certificates need TLS; set tls_cert_file and tls_key_file \
+                          as well"
+                    .to_owned(),
+            });
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(SettingsError::Missing {
+                key: "tls_key_file",
+                hint: "tls_cert_file is set, so set TOKEND_TLS_KEY_FILE to the PEM file \
+                       holding its private key"
+                    .to_owned(),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(SettingsError::Missing {
+                key: "tls_cert_file",
+                hint: "tls_key_file is set, so set TOKEND_TLS_CERT_FILE to the PEM \
+                       certificate chain that goes with it"
+                    .to_owned(),
+            });
+        }
+    };
+    let api_keys = api_keys_file
+        .map(|path| {
+            ApiKeys::load(Path::new(&path)).map_err(|error| SettingsError::Invalid {
+                key: "api_keys_file",
+                message: error.to_string(),
+            })
+        })
+        .transpose()?
+        .map(Arc::new);
+    Ok(AccessSettings { tls, api_keys })
+}
+
+/// Rejects a non-loopback address that anyone on the network could call without TLS
+/// or a key, unless the operator opted in.
+fn check_bind(
+    grpc_addr: SocketAddr,
+    access: &AccessSettings,
+    allow_insecure_bind: bool,
+) -> Result<(), SettingsError> {
+    let protected = access.tls.is_some() || access.api_keys.is_some();
+    if grpc_addr.ip().is_loopback() || protected || allow_insecure_bind {
+        return Ok(());
+    }
+    Err(SettingsError::Invalid {
+        key: "grpc_addr",
+        message: format!(
+            "{grpc_addr} is reachable from other hosts, and with neither TLS nor API keys \
+             anyone who reaches it can read every user's tokens; set tls_cert_file and \
+             tls_key_file, or api_keys_file, or bind a loopback address, or set \
+             allow_insecure_bind = true (TOKEND_ALLOW_INSECURE_BIND=true) if a network \
+             policy protects the port"
+        ),
+    })
+}
+
+fn parse_bool(key: &'static str, value: &str) -> Result<bool, SettingsError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(SettingsError::Invalid {
+            key,
+            message: format!("{}={value:?} must be true or false", variable_name(key)),
+        }),
     }
 }
 
@@ -410,8 +545,23 @@ pub const VARIABLES: &[&str] = &[
     "TOKEND_SHUTDOWN_GRACE",
     "TOKEND_REFRESH_LEASE",
     "TOKEND_REPLICA_ID",
+    "TOKEND_TLS_CERT_FILE",
+    "TOKEND_TLS_KEY_FILE",
+    "TOKEND_TLS_CLIENT_CA_FILE",
+    "TOKEND_API_KEYS_FILE",
+    "TOKEND_ALLOW_INSECURE_BIND",
     "TOKEND_LOG",
     "TOKEND_LOG_FORMAT",
+];
+
+/// Environment variables that the client subcommands read; the daemon ignores them
+/// without a warning, so that one shell can run both.
+pub const CLIENT_VARIABLES: &[&str] = &[
+    "TOKEND_API_KEY",
+    "TOKEND_CA_FILE",
+    "TOKEND_CLIENT_CERT_FILE",
+    "TOKEND_CLIENT_KEY_FILE",
+    "TOKEND_TLS_SERVER_NAME",
 ];
 
 /// Returns the `TOKEND_*` variables in the environment that the daemon does not read.
@@ -420,6 +570,7 @@ pub fn unknown_variables() -> Vec<String> {
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| name.starts_with("TOKEND_") && !name.starts_with("TOKEND_TEST_"))
         .filter(|name| !VARIABLES.contains(&name.as_str()))
+        .filter(|name| !CLIENT_VARIABLES.contains(&name.as_str()))
         .collect()
 }
 
@@ -639,5 +790,93 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn non_loopback_bind_needs_protection() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "reader a-plain-key-of-20-bytes\n").unwrap();
+        let keys = keys.to_str().unwrap();
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool);
+        let cases: [Case; 6] = [
+            ("0.0.0.0:50051", &[], false),
+            ("[::]:50051", &[], false),
+            (
+                "0.0.0.0:50051",
+                &[("TOKEND_ALLOW_INSECURE_BIND", "true")],
+                true,
+            ),
+            ("0.0.0.0:50051", &[("TOKEND_API_KEYS_FILE", keys)], true),
+            ("[::1]:50051", &[], true),
+            ("127.0.0.2:50051", &[], true),
+        ];
+        for (addr, extra, accepted) in cases {
+            let mut vars = CREDENTIALS.to_vec();
+            vars.push(("TOKEND_GRPC_ADDR", addr));
+            vars.extend_from_slice(extra);
+            let result = load(None, &vars);
+            assert_eq!(result.is_ok(), accepted, "{addr} {extra:?}");
+            if let Err(error) = result {
+                let error = error.to_string();
+                assert!(error.contains("grpc_addr"), "{error}");
+                assert!(error.contains("allow_insecure_bind"), "{error}");
+            }
+        }
+    }
+
+    #[test]
+    fn access_settings_name_the_key() {
+        let cases = [
+            (
+                "TOKEND_TLS_CERT_FILE",
+                "/nonexistent/cert.pem",
+                "tls_key_file",
+            ),
+            (
+                "TOKEND_TLS_KEY_FILE",
+                "/nonexistent/key.pem",
+                "tls_cert_file",
+            ),
+            (
+                "TOKEND_TLS_CLIENT_CA_FILE",
+                "/nonexistent/ca.pem",
+                "tls_client_ca_file",
+            ),
+            ("TOKEND_API_KEYS_FILE", "/nonexistent/keys", "api_keys_file"),
+            ("TOKEND_ALLOW_INSECURE_BIND", "maybe", "allow_insecure_bind"),
+        ];
+        for (name, value, key) in cases {
+            let mut vars = CREDENTIALS.to_vec();
+            vars.push((name, value));
+            let error = load(None, &vars).unwrap_err().to_string();
+            assert!(error.contains(key), "{name}={value}: {error}");
+        }
+    }
+
+    #[test]
+    fn access_settings_load_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(["localhost".to_owned()]).unwrap();
+        let cert_file = dir.path().join("cert.pem");
+        let key_file = dir.path().join("key.pem");
+        let keys_file = dir.path().join("keys");
+        fs::write(&cert_file, cert.cert.pem()).unwrap();
+        fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+        fs::write(&keys_file, "admin a-plain-key-of-20-bytes ops\n").unwrap();
+        let config = dir.path().join("tokend.toml");
+        fs::write(
+            &config,
+            format!(
+                "grpc_addr = \"0.0.0.0:50051\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n\
+                 api_keys_file = {:?}\nallow_insecure_bind = false\n",
+                cert_file, key_file, keys_file
+            ),
+        )
+        .unwrap();
+        let settings = load(Some(&config), &CREDENTIALS).unwrap();
+        assert!(settings.access.tls.is_some());
+        assert_eq!(settings.access.api_keys.as_ref().unwrap().len(), 1);
+        assert!(!format!("{settings:?}").contains("PRIVATE KEY"));
     }
 }

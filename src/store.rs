@@ -339,3 +339,52 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// Connects to the database at `url` without migrating or locking it, and describes
+/// what was found. A SQLite file that does not exist yet is fine: the daemon creates it.
+pub async fn probe(url: &str) -> Result<String, StoreError> {
+    let open_error = |source| StoreError::Open {
+        url: redact_url(url),
+        source,
+    };
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let pool = sqlx::PgPool::connect(url).await.map_err(open_error)?;
+        let version: String = sqlx::query_scalar("SHOW server_version")
+            .fetch_one(&pool)
+            .await?;
+        pool.close().await;
+        return Ok(format!("reachable, PostgreSQL {version}"));
+    }
+
+    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url)
+        .map_err(open_error)?;
+    let path = options.get_filename().to_owned();
+    if !path.exists() {
+        let parent = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+        return match parent {
+            Some(dir) if !dir.is_dir() => Err(StoreError::Open {
+                url: redact_url(url),
+                source: sqlx::Error::Configuration(
+                    format!("the directory {} does not exist", dir.display()).into(),
+                ),
+            }),
+            _ => Ok(format!(
+                "{} does not exist yet; the daemon creates it",
+                path.display()
+            )),
+        };
+    }
+    let pool = sqlx::SqlitePool::connect_with(options.read_only(true))
+        .await
+        .map_err(open_error)?;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'token_sets'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    pool.close().await;
+    Ok(match tables {
+        0 => format!("{} opens; the daemon creates its table", path.display()),
+        _ => format!("{} opens and holds the token_sets table", path.display()),
+    })
+}

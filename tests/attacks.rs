@@ -67,6 +67,7 @@ fn daemon_settings(emulator: &Emulator, database: &Path) -> Settings {
         shutdown_grace: Duration::from_secs(10),
         refresh_lease: Duration::from_secs(15),
         replica_id: "attacks".to_owned(),
+        access: Default::default(),
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod proxy;
 
 use std::{
@@ -16,7 +17,7 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig},
     proto::{self, token_service_client::TokenServiceClient},
     server::Daemon,
-    settings::Settings,
+    settings::{AccessSettings, Settings},
 };
 use tonic::transport::Channel;
 
@@ -106,6 +107,9 @@ pub struct Options {
     pub http_timeout: Duration,
     /// Scheduler pass age after which `/healthz` fails.
     pub max_tick_age: Duration,
+    /// TLS and API keys on the gRPC port; the client the harness builds speaks plain
+    /// HTTP/2 without a key, so tests that set this build their own.
+    pub access: AccessSettings,
 }
 
 impl Default for Options {
@@ -115,6 +119,7 @@ impl Default for Options {
             refresh_before: Duration::from_secs(300),
             http_timeout: Duration::from_secs(5),
             max_tick_age: Duration::from_secs(60),
+            access: AccessSettings::default(),
         }
     }
 }
@@ -266,7 +271,8 @@ impl TestEnv {
     }
 }
 
-fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Settings {
+/// Returns the daemon settings a test environment uses.
+pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Settings {
     Settings {
         client_id: "sandbox-client".to_owned(),
         client_secret: SecretString::from("sandbox-secret"),
@@ -282,6 +288,7 @@ fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> Setti
         shutdown_grace: Duration::from_secs(10),
         refresh_lease: options.http_timeout + Duration::from_secs(10),
         replica_id: "test".to_owned(),
+        access: options.access.clone(),
     }
 }
 
