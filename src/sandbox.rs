@@ -72,14 +72,17 @@ pub async fn run(
         ..settings
     };
     let daemon = Daemon::start(&settings).await?;
-    println!("{}", walkthrough(daemon.grpc_addr(), emulator.addr()));
+    println!(
+        "{}",
+        walkthrough(daemon.grpc_addr(), daemon.admin_addr(), emulator.addr())
+    );
 
     let result = daemon.run_until_signal().await;
     emulator.shutdown().await;
     result
 }
 
-fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
+fn walkthrough(grpc_addr: SocketAddr, admin_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
     // `cargo run` sets CARGO for the program it runs. Otherwise repeat the command as
     // it was typed, which works whether or not tokend is on the PATH.
     let program = if std::env::var_os("CARGO").is_some() {
@@ -99,6 +102,7 @@ fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> String {
          tokend sandbox is running\n\
          \x20 gRPC service:   {grpc_addr}\n\
          \x20 Tiki emulator:  http://{emulator_addr} (access tokens live {SANDBOX_EXPIRES_IN} s)\n\
+         \x20 metrics:        http://{admin_addr}/metrics\n\
          \x20 database:       {SANDBOX_DATABASE}\n\
          \n\
          Try it from another terminal in this directory:\n\
