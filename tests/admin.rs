@@ -209,7 +209,7 @@ async fn readyz_fails_during_shutdown(backend: Backend) {
 
     // A slow refresh keeps the daemon in its shutdown drain long enough to probe it.
     env.emulator
-        .inject(Fault::DelayBefore(Duration::from_secs(4)), Some(1));
+        .inject(Fault::DelayBefore(Duration::from_secs(8)), Some(1));
     wait_until(
         "a scheduled refresh starts",
         Duration::from_secs(15),
