@@ -1,15 +1,21 @@
 //! The HTTP admin server: `/metrics` in the Prometheus text format, `/healthz` for
 //! liveness (the process responds and its scheduler still starts passes) and `/readyz`
-//! for readiness (the database answers, its migrations ran, and shutdown has not begun).
+//! for readiness (the database responds, its migrations ran, and shutdown has not begun).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use chrono::{DateTime, Utc};
 use metrics::gauge;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     scheduler::SchedulerStats,
@@ -32,6 +38,8 @@ pub struct AdminState {
     pub max_tick_age: Duration,
     /// When the daemon started, used as the last pass time until the first pass.
     pub started_at: DateTime<Utc>,
+    /// Whether the last readiness check failed, so that an outage logs once.
+    not_ready: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -44,7 +52,25 @@ impl std::fmt::Debug for AdminState {
 }
 
 impl AdminState {
-    /// Time since the scheduler last started a pass, or since start before the first.
+    /// Builds the state of a daemon that starts now.
+    pub fn new(
+        store: Arc<dyn TokenStore>,
+        scheduler: Arc<SchedulerStats>,
+        shutdown: CancellationToken,
+        max_tick_age: Duration,
+    ) -> Self {
+        AdminState {
+            store,
+            scheduler,
+            shutdown,
+            max_tick_age,
+            started_at: Utc::now(),
+            not_ready: Arc::default(),
+        }
+    }
+
+    /// Returns the time since the scheduler last started a pass, or since start before
+    /// the first pass.
     pub fn tick_age(&self, now: DateTime<Utc>) -> Duration {
         let last_pass = self.scheduler.last_pass_unix_ms();
         let since = last_pass.max(self.started_at.timestamp_millis());
@@ -103,23 +129,26 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             "not ready: shutting down\n".to_owned(),
         );
     }
-    match tokio::time::timeout(STORE_TIMEOUT, state.store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
-        Ok(Err(error)) => {
-            debug!(%error, "readiness check failed");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: the database query failed: {error}\n"),
-            )
+    let failure = match tokio::time::timeout(STORE_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => {
+            if state.not_ready.swap(false, Ordering::Relaxed) {
+                info!("readiness check passes again: the database responds");
+            }
+            return (StatusCode::OK, "ready\n".to_owned());
         }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: the database did not answer within {} s\n",
-                STORE_TIMEOUT.as_secs()
-            ),
-        ),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no response within {} s", STORE_TIMEOUT.as_secs()),
+    };
+    // The cause stays in the log, because the admin port has no authentication.
+    if state.not_ready.swap(true, Ordering::Relaxed) {
+        debug!(error = %failure, "readiness check failed");
+    } else {
+        warn!(error = %failure, "readiness check failed: the database query failed; /readyz returns 503 until it responds");
     }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready: the database query failed; the log has the cause\n".to_owned(),
+    )
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

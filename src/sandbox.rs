@@ -84,7 +84,12 @@ pub async fn run(
     let daemon = Daemon::start(&settings).await?;
     println!(
         "{}",
-        walkthrough(daemon.grpc_addr(), emulator.addr(), expires_in)
+        walkthrough(
+            daemon.grpc_addr(),
+            daemon.admin_addr(),
+            emulator.addr(),
+            expires_in
+        )
     );
 
     let result = daemon.run_until_signal().await;
@@ -92,7 +97,12 @@ pub async fn run(
     result
 }
 
-fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr, expires_in: u64) -> String {
+fn walkthrough(
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    emulator_addr: SocketAddr,
+    expires_in: u64,
+) -> String {
     // `cargo run` sets CARGO for the program it runs. Otherwise repeat the command as
     // it was typed, which works whether or not tokend is on the PATH.
     let program = if std::env::var_os("CARGO").is_some() {
@@ -114,6 +124,7 @@ fn walkthrough(grpc_addr: SocketAddr, emulator_addr: SocketAddr, expires_in: u64
          tokend sandbox is running\n\
          \x20 gRPC service:   {grpc_addr}\n\
          \x20 Tiki emulator:  http://{emulator_addr} (access tokens live {expires_in} s)\n\
+         \x20 metrics:        http://{admin_addr}/metrics\n\
          \x20 database:       {SANDBOX_DATABASE}\n\
          \n\
          Try it from another terminal in this directory:\n\

@@ -74,7 +74,6 @@ impl Daemon {
             })?;
         let admin_addr = admin_listener.local_addr()?;
         telemetry::prometheus();
-        let started_at = chrono::Utc::now();
         let store = store::connect(&settings.database_url).await?;
         info!(database_url = %store::redact_url(&settings.database_url), "database ready");
 
@@ -116,13 +115,12 @@ impl Daemon {
         };
 
         let admin_stop = CancellationToken::new();
-        let admin_state = AdminState {
-            store: store.clone(),
-            scheduler: scheduler_stats.clone(),
-            shutdown: shutdown.clone(),
-            max_tick_age: settings.max_tick_age,
-            started_at,
-        };
+        let admin_state = AdminState::new(
+            store.clone(),
+            scheduler_stats.clone(),
+            shutdown.clone(),
+            settings.max_tick_age,
+        );
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             admin_state.clone(),

@@ -14,7 +14,7 @@ use tokend::{emulator::Fault, proto};
 
 /// Returns the value of the series `name` with exactly `labels`, or 0 when it is missing.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let wanted: BTreeMap<String, String> = labels
+    let expected: BTreeMap<String, String> = labels
         .iter()
         .map(|(key, value)| (key.to_string(), value.to_string()))
         .collect();
@@ -26,7 +26,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             Some((series_name, rest)) => (series_name, parse_labels(rest.trim_end_matches('}'))),
             None => (series, BTreeMap::new()),
         };
-        if series_name == name && series_labels == wanted {
+        if series_name == name && series_labels == expected {
             return value.parse().unwrap();
         }
     }
@@ -209,7 +209,7 @@ async fn readyz_fails_during_shutdown(backend: Backend) {
 
     // A slow refresh keeps the daemon in its shutdown drain long enough to probe it.
     env.emulator
-        .inject(Fault::DelayBefore(Duration::from_secs(4)), Some(1));
+        .inject(Fault::DelayBefore(Duration::from_secs(8)), Some(1));
     wait_until(
         "a scheduled refresh starts",
         Duration::from_secs(15),
