@@ -331,6 +331,7 @@ fn serve_command(dir: &std::path::Path, grpc_addr: &str) -> Command {
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("TOKEND_CLIENT_ID", "client")
+        .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
         .env("TOKEND_CLIENT_SECRET", "secret-not-printed")
         .env("TOKEND_TIKI_GRAPHQL_URL", "http://127.0.0.1:9/graphql")
         .env("TOKEND_GRPC_ADDR", grpc_addr)
