@@ -2,6 +2,7 @@
 //! token manager, and the one mapping from domain errors to `tonic::Status`.
 
 pub mod codec;
+mod metrics;
 mod validate;
 mod watch;
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, error, info_span};
 
+pub use metrics::CountRequests;
 pub use validate::{
     DEFAULT_PAGE_SIZE, MAX_AUTH_CODE_BYTES, MAX_IMPORT_EXPIRES_IN, MAX_PAGE_SIZE, MAX_SCOPE_BYTES,
     MAX_SCOPES, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES,

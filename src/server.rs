@@ -14,7 +14,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{error, info, warn};
 
 use crate::{
-    grpc::{MAX_REQUEST_BYTES, TokenGrpcService},
+    grpc::{CountRequests, MAX_REQUEST_BYTES, TokenGrpcService},
     proto::{self, token_service_server::TokenServiceServer},
     refresh::RefreshPolicy,
     scheduler::{Scheduler, SchedulerStats},
@@ -103,7 +103,7 @@ impl Daemon {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         let server = Server::builder()
-            .add_service(token_service)
+            .add_service(CountRequests::new(token_service))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)

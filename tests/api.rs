@@ -683,6 +683,43 @@ async fn replicas_share_refreshes_and_watches() {
     second.shutdown().await.unwrap();
 }
 
+/// Every TokenService call is counted by method and status code.
+#[test]
+fn calls_counted_by_method_and_code() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // On a current-thread runtime every task runs on this thread, so the local recorder
+    // sees the daemon's metrics.
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let mut env = TestEnv::start(Options::default()).await;
+            env.exchange("alice").await;
+            env.access_token("alice").await.unwrap();
+            env.access_token("alice").await.unwrap();
+            let empty = proto::GetTokenSetRequest {
+                user_id: String::new(),
+            };
+            let rejected = env.client.get_token_set(empty).await.unwrap_err();
+            assert_eq!(rejected.code(), Code::InvalidArgument);
+            env.daemon.take().unwrap().shutdown().await.unwrap();
+        });
+    });
+
+    let rendered = handle.render();
+    let expected = [
+        r#"tokend_grpc_requests_total{method="ExchangeAuthCode",code="OK"} 1"#,
+        r#"tokend_grpc_requests_total{method="GetAccessToken",code="OK"} 2"#,
+        r#"tokend_grpc_requests_total{method="GetTokenSet",code="InvalidArgument"} 1"#,
+    ];
+    for line in expected {
+        assert!(rendered.contains(line), "{line} missing from:\n{rendered}");
+    }
+}
+
 backend_tests! {
     health_follows_lifecycle,
     reflection_lists_services,
