@@ -683,6 +683,77 @@ async fn replicas_share_refreshes_and_watches() {
     second.shutdown().await.unwrap();
 }
 
+/// A RefreshAccessToken call that finds another replica's claim waits for it: it returns
+/// that replica's tokens when the claim ends with a write, and refreshes itself when the
+/// claim is released without one. The other replica is played by a second store handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_waits_for_foreign_claim() {
+    use tokend::store::{self, Claim, NewTokens, TokenSetKey};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    env.exchange("alice").await;
+    let other = store::connect(&env.database_url).await.unwrap();
+    let key = TokenSetKey::new("alice");
+    let claim = |token: i64| Claim {
+        owner: "other".to_owned(),
+        token,
+        until: chrono::Utc::now() + chrono::Duration::seconds(30),
+    };
+    let refresh = |mut client: support::Client| async move {
+        client
+            .refresh_access_token(proto::RefreshAccessTokenRequest {
+                user_id: "alice".to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    };
+
+    // The other replica's refresh ends with new tokens, which the call returns.
+    let now = chrono::Utc::now();
+    other.claim(&key, &claim(1), now).await.unwrap().unwrap();
+    let call = tokio::spawn(refresh(env.client.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!call.is_finished(), "the call did not wait for the claim");
+    let access = SecretString::from("written-by-other");
+    let scopes = vec!["offline".to_owned()];
+    let tokens = NewTokens {
+        access_token: &access,
+        refresh_token: None,
+        scopes: &scopes,
+        lifetime_seconds: 3600,
+        expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+        next_refresh_at: Some(chrono::Utc::now() + chrono::Duration::minutes(50)),
+    };
+    other
+        .store_refreshed(&key, 1, &tokens, "other", chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let joined = call.await.unwrap().unwrap();
+    assert!(
+        joined.access_token == "written-by-other",
+        "the call did not return the other replica's token"
+    );
+    assert_eq!(env.emulator.stats().refresh_requests, 0);
+
+    // A claim released without a write leaves nothing to join, so the call refreshes.
+    other
+        .claim(&key, &claim(2), chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let call = tokio::spawn(refresh(env.client.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(other.release(&key, 2).await.unwrap());
+    let refreshed = call.await.unwrap().unwrap();
+    assert!(env.emulator.access_token_valid(&refreshed.access_token));
+    assert_eq!(env.emulator.stats().refresh_requests, 1);
+    other.close().await;
+}
+
 /// Every TokenService call is counted by method and status code.
 #[test]
 fn calls_counted_by_method_and_code() {
