@@ -330,8 +330,8 @@ async fn list_pages_through_token_sets(backend: Backend) {
     assert!(mismatched.message().contains("page_token"));
 }
 
-/// Pages through 600 token sets with a concurrent import running, and prints how long
-/// the imports and each page took. Every set that existed before the listing began is
+/// Pages through 600 token sets while imports run, and prints how long the imports and
+/// the listing took. Every set that existed before the listing began is
 /// seen exactly once, in order.
 async fn list_survives_concurrent_writes(backend: Backend) {
     const USERS: usize = 600;
