@@ -145,6 +145,34 @@ async fn health_follows_lifecycle(backend: Backend) {
         .unwrap();
 }
 
+/// A health watch never ends by itself, so shutdown cuts it once the grace period
+/// (10 s in the tests) is over instead of waiting forever.
+async fn shutdown_cuts_open_health_watch(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let channel = channel(&env).await;
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut health_watch = HealthClient::new(channel)
+        .watch(request)
+        .await
+        .unwrap()
+        .into_inner();
+    health_watch.message().await.unwrap().unwrap();
+
+    let started = std::time::Instant::now();
+    let daemon = env.daemon.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(40), daemon.shutdown())
+        .await
+        .expect("shutdown waited for the health watch")
+        .unwrap();
+    println!(
+        "health: shutdown with an open health watch took {:?}",
+        started.elapsed()
+    );
+    drop(health_watch);
+}
+
 async fn reflection_lists_services(backend: Backend) {
     use tonic_reflection::pb::{v1, v1alpha};
 
@@ -859,6 +887,7 @@ fn calls_counted_by_method_and_code() {
 
 backend_tests! {
     health_follows_lifecycle,
+    shutdown_cuts_open_health_watch,
     reflection_lists_services,
     list_pages_through_token_sets,
     list_survives_concurrent_writes,
