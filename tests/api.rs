@@ -145,6 +145,34 @@ async fn health_follows_lifecycle(backend: Backend) {
         .unwrap();
 }
 
+/// A health watch never ends by itself, so shutdown cuts it once the grace period
+/// (10 s in the tests) is over instead of waiting forever.
+async fn shutdown_cuts_open_health_watch(backend: Backend) {
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let channel = channel(&env).await;
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut health_watch = HealthClient::new(channel)
+        .watch(request)
+        .await
+        .unwrap()
+        .into_inner();
+    health_watch.message().await.unwrap().unwrap();
+
+    let started = std::time::Instant::now();
+    let daemon = env.daemon.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(40), daemon.shutdown())
+        .await
+        .expect("shutdown waited for the health watch")
+        .unwrap();
+    println!(
+        "health: shutdown with an open health watch took {:?}",
+        started.elapsed()
+    );
+    drop(health_watch);
+}
+
 async fn reflection_lists_services(backend: Backend) {
     use tonic_reflection::pb::{v1, v1alpha};
 
@@ -328,6 +356,72 @@ async fn list_pages_through_token_sets(backend: Backend) {
         .unwrap_err();
     assert_eq!(mismatched.code(), Code::InvalidArgument);
     assert!(mismatched.message().contains("page_token"));
+}
+
+/// Pages through 600 token sets while imports run, and prints how long the imports and
+/// the listing took. Every set that existed before the listing began is
+/// seen exactly once, in order.
+async fn list_survives_concurrent_writes(backend: Backend) {
+    const USERS: usize = 600;
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let grant = grant_from_elsewhere(&env, "template").await;
+
+    let started = std::time::Instant::now();
+    let mut imports = tokio::task::JoinSet::new();
+    for index in 0..USERS {
+        let mut client = env.client.clone();
+        let request = import_request(&format!("user-{index:04}"), &grant);
+        imports.spawn(async move { client.import_token_set(request).await.map(|_| ()) });
+    }
+    while let Some(result) = imports.join_next().await {
+        result.unwrap().unwrap();
+    }
+    let import_time = started.elapsed();
+
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        // Each page also races an import that sorts between pages.
+        let late = import_request(&format!("user-{pages:04}-late"), &grant);
+        env.client.import_token_set(late).await.unwrap();
+        let page = env
+            .client
+            .list_token_sets(proto::ListTokenSetsRequest {
+                page_size: 250,
+                page_token,
+                statuses: vec![proto::TokenStatus::Active.into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        seen.extend(page.token_sets.into_iter().map(|info| info.user_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let list_time = started.elapsed();
+
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "the listing is out of order or has repeats");
+    for index in 0..USERS {
+        let user_id = format!("user-{index:04}");
+        assert!(seen.binary_search(&user_id).is_ok(), "{user_id} missing");
+    }
+    let backend_name = match backend {
+        Backend::Sqlite => "SQLite",
+        Backend::Postgres(_) => "PostgreSQL",
+    };
+    println!(
+        "list: {USERS} imports in {import_time:?}; {} rows in {pages} pages of up to 250, \
+         with an import before each, in {list_time:?} ({backend_name})",
+        seen.len()
+    );
 }
 
 async fn import_then_refresh_and_serve(backend: Backend) {
@@ -683,10 +777,83 @@ async fn replicas_share_refreshes_and_watches() {
     second.shutdown().await.unwrap();
 }
 
+/// A RefreshAccessToken call that finds another replica's claim waits for it: it returns
+/// that replica's tokens when the claim ends with a write, and refreshes itself when the
+/// claim is released without one. The other replica is played by a second store handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_waits_for_foreign_claim() {
+    use tokend::store::{self, Claim, NewTokens, TokenSetKey};
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    env.exchange("alice").await;
+    let other = store::connect(&env.database_url).await.unwrap();
+    let key = TokenSetKey::new("alice");
+    let claim = |token: i64| Claim {
+        owner: "other".to_owned(),
+        token,
+        until: chrono::Utc::now() + chrono::Duration::seconds(30),
+    };
+    let refresh = |mut client: support::Client| async move {
+        client
+            .refresh_access_token(proto::RefreshAccessTokenRequest {
+                user_id: "alice".to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    };
+
+    // The other replica's refresh ends with new tokens, which the call returns.
+    let now = chrono::Utc::now();
+    other.claim(&key, &claim(1), now).await.unwrap().unwrap();
+    let call = tokio::spawn(refresh(env.client.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!call.is_finished(), "the call did not wait for the claim");
+    let access = SecretString::from("written-by-other");
+    let scopes = vec!["offline".to_owned()];
+    let tokens = NewTokens {
+        access_token: &access,
+        refresh_token: None,
+        scopes: &scopes,
+        lifetime_seconds: 3600,
+        expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
+        next_refresh_at: Some(chrono::Utc::now() + chrono::Duration::minutes(50)),
+    };
+    other
+        .store_refreshed(&key, 1, &tokens, "other", chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let joined = call.await.unwrap().unwrap();
+    assert!(
+        joined.access_token == "written-by-other",
+        "the call did not return the other replica's token"
+    );
+    assert_eq!(env.emulator.stats().refresh_requests, 0);
+
+    // A claim released without a write leaves nothing to join, so the call refreshes.
+    other
+        .claim(&key, &claim(2), chrono::Utc::now())
+        .await
+        .unwrap()
+        .unwrap();
+    let call = tokio::spawn(refresh(env.client.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(other.release(&key, 2).await.unwrap());
+    let refreshed = call.await.unwrap().unwrap();
+    assert!(env.emulator.access_token_valid(&refreshed.access_token));
+    assert_eq!(env.emulator.stats().refresh_requests, 1);
+    other.close().await;
+}
+
 backend_tests! {
     health_follows_lifecycle,
+    shutdown_cuts_open_health_watch,
     reflection_lists_services,
     list_pages_through_token_sets,
+    list_survives_concurrent_writes,
     import_then_refresh_and_serve,
     expired_import_refreshes_at_once,
     concurrent_refreshes_share_one,

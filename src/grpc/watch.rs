@@ -104,6 +104,9 @@ impl Watch {
                 }
             };
             if !self.send(item).await {
+                if self.shutdown.is_cancelled() {
+                    self.end_for_shutdown().await;
+                }
                 return;
             }
         }

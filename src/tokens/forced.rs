@@ -27,7 +27,11 @@ impl TokenManager {
         if arrived.is_claimed(Utc::now()) {
             debug!(app = %key.app, user_id = %key.user_id, "joining a refresh in progress");
             let set = self.wait_for_claim(key, self.lease).await?;
-            return refresh_result(&set);
+            // A claim released without a write (the scheduler found the token set no
+            // longer due) produced no result to join, so this call refreshes itself.
+            if set.version != arrived.version || set.is_claimed(Utc::now()) {
+                return refresh_result(&set);
+            }
         }
 
         let _guard = self.locks.lock(key).await;
