@@ -52,6 +52,20 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Re-encrypt every stored token set that is not under the first encryption key.
+    /// Runs beside the daemon on PostgreSQL; on SQLite, stop the daemon first.
+    Reencrypt(ReencryptArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReencryptArgs {
+    /// TOML settings file; TOKEND_* environment variables override its keys. Only the
+    /// database and encryption settings are read.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Rows read and re-encrypted per batch.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
 }
 
 #[derive(Debug, Args)]
@@ -90,6 +104,12 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_SHUTDOWN_GRACE       seconds to finish refreshes on shutdown (default 30)
   TOKEND_REFRESH_LEASE        seconds a claim lasts (default 60)
   TOKEND_REPLICA_ID           this replica's name (default HOST-PID)
+  TOKEND_ENCRYPTION_KEY       base64 32-byte keys, comma separated; the first encrypts
+  TOKEND_ENCRYPTION_KEY_FILE  a file with one such key per line (instead of the above)
+  TOKEND_ALLOW_PLAINTEXT_STORAGE  true stores tokens unencrypted when no key is set
+                              (default false; SQLite then creates DATABASE.key)
+  TOKEND_EXCHANGE_RETRY_WINDOW  seconds a retried auth code gets the stored token set
+                              (default 600)
   TOKEND_LOG                  log filter (default info)
 The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.
 Invalid settings exit with code 78 before any port is bound.";
@@ -118,7 +138,7 @@ pub async fn run_client(command: Command) -> ExitCode {
 
 async fn call(command: Command) -> Result<(), String> {
     let addr = match &command {
-        Command::Serve(_) => String::new(),
+        Command::Serve(_) | Command::Reencrypt(_) => String::new(),
         Command::Exchange { target, .. }
         | Command::Token { target, .. }
         | Command::Show { target }
@@ -132,7 +152,9 @@ async fn call(command: Command) -> Result<(), String> {
         )
     };
     match command {
-        Command::Serve(_) => Err("serve is not a client subcommand".to_owned()),
+        Command::Serve(_) | Command::Reencrypt(_) => {
+            Err("serve and reencrypt are not client subcommands".to_owned())
+        }
         Command::Exchange { target, auth_code } => {
             let mut client = connect(&target.addr).await?;
             let request = proto::ExchangeAuthCodeRequest {

@@ -10,7 +10,7 @@ use tracing::{Instrument, debug, error, info_span};
 
 use crate::{
     proto::{self, token_service_server::TokenService},
-    store::{TokenSet, TokenSetKey, TokenStatus},
+    store::{StoreError, TokenSet, TokenSetKey, TokenStatus},
     tokens::{TokenError, TokenManager},
 };
 
@@ -115,10 +115,21 @@ fn to_status(error: TokenError) -> Status {
         TokenError::CodeRejected(reason) => Status::failed_precondition(format!(
             "Tiki rejected the auth code; get a new one through my.getAuthCode: {reason}"
         )),
+        TokenError::CodeUsedForOtherUser => Status::failed_precondition(
+            "this auth_code was already sent for a different user_id; get a new auth code \
+             through my.getAuthCode for this user",
+        ),
         TokenError::Unavailable(reason) => Status::unavailable(reason),
         TokenError::CredentialsRejected => Status::unavailable(
             "Tiki rejected tokend's client credentials; an operator must fix the settings",
         ),
+        TokenError::Store(error @ StoreError::Decrypt { .. }) => {
+            error!(%error, "stored tokens cannot be decrypted");
+            Status::internal(format!(
+                "tokend cannot decrypt this user's stored tokens; an operator must fix the \
+                 encryption keys: {error}"
+            ))
+        }
         TokenError::Store(error) => {
             error!(%error, "storage failed while handling a request");
             Status::unavailable("tokend's database is unavailable; retry later")

@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod emulator;
 pub mod grpc;
+pub mod reencrypt;
 pub mod refresh;
 pub mod sandbox;
 pub mod scheduler;

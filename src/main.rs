@@ -5,10 +5,10 @@ use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
 use tokend::{
-    cli::{Cli, Command, run_client},
-    sandbox,
+    cli::{Cli, Command, ReencryptArgs, run_client},
+    reencrypt, sandbox,
     server::Daemon,
-    settings::{self, Settings},
+    settings::{self, Settings, SettingsError},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -18,8 +18,13 @@ const EXIT_CONFIG: u8 = 78;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command else {
-        return run_client(cli.command).await;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Reencrypt(args) => {
+            init_logging();
+            return reencrypt(&args).await;
+        }
+        command => return run_client(command).await,
     };
 
     init_logging();
@@ -53,6 +58,20 @@ async fn main() -> ExitCode {
         Err(error) => return report(Err(error)),
     };
     report(daemon.run_until_signal().await)
+}
+
+/// Runs `tokend reencrypt`: exit 78 for invalid settings, 1 when it failed or some
+/// rows could not be decrypted.
+async fn reencrypt(args: &ReencryptArgs) -> ExitCode {
+    match reencrypt::run(args.config.as_deref(), args.batch_size).await {
+        Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(error) if error.is::<SettingsError>() => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(error) => report(Err(error)),
+    }
 }
 
 /// Log filter used when TOKEND_LOG is unset; the cron crate's own start-up lines are

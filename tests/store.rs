@@ -9,7 +9,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use secrecy::SecretString;
 use support::Backend;
-use tokend::store::{self, Claim, FailureRecord, NewTokens, TokenSetKey, TokenStatus, TokenStore};
+use tokend::store::{
+    self, Claim, FailureRecord, NewTokens, TokenSetKey, TokenStatus, TokenStore,
+    encryption::TokenCipher,
+};
 
 struct Fixture {
     store: Arc<dyn TokenStore>,
@@ -20,7 +23,8 @@ struct Fixture {
 async fn open(backend: &Backend) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let url = backend.fresh_database(dir.path()).await;
-    let store = store::connect(&url).await.unwrap();
+    let cipher = TokenCipher::new(Arc::new(support::random_keyring()));
+    let store = store::connect(&url, cipher).await.unwrap();
     Fixture {
         store,
         url,
