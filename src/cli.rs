@@ -105,9 +105,10 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_REFRESH_LEASE        seconds a claim lasts (default 60)
   TOKEND_REPLICA_ID           this replica's name (default HOST-PID)
   TOKEND_ENCRYPTION_KEY       base64 32-byte keys, comma separated; the first encrypts
+                              (required on PostgreSQL; SQLite defaults to DATABASE.key)
   TOKEND_ENCRYPTION_KEY_FILE  a file with one such key per line (instead of the above)
   TOKEND_ALLOW_PLAINTEXT_STORAGE  true stores tokens unencrypted when no key is set
-                              (default false; SQLite then creates DATABASE.key)
+                              (default false)
   TOKEND_EXCHANGE_RETRY_WINDOW  seconds a retried auth code gets the stored token set
                               (default 600)
   TOKEND_LOG                  log filter (default info)

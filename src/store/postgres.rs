@@ -416,6 +416,24 @@ impl TokenStore for PostgresStore {
         expired_before: DateTime<Utc>,
         stale_before: DateTime<Utc>,
     ) -> Result<CodeClaim, StoreError> {
+        // A new code takes one statement. A code that is recorded already takes the
+        // transaction below, which also deletes its record once the window has passed.
+        let inserted = sqlx::query(
+            "WITH expired AS (DELETE FROM auth_code_exchanges WHERE started_at < $5) \
+             INSERT INTO auth_code_exchanges (code_hash, app, user_id, started_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (code_hash) DO NOTHING",
+        )
+        .bind(code_hash)
+        .bind(&key.app)
+        .bind(&key.user_id)
+        .bind(now)
+        .bind(expired_before)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() > 0 {
+            return Ok(CodeClaim::Claimed);
+        }
+
         let mut transaction = self.pool.begin().await?;
         sqlx::query("DELETE FROM auth_code_exchanges WHERE started_at < $1")
             .bind(expired_before)
