@@ -207,7 +207,7 @@ pub fn token_cipher(
         }
     };
     info!(
-        key_id = keyring.primary().id(),
+        key_id = %keyring.primary().id(),
         decrypt_only_keys = keyring.ids().len() - 1,
         "token encryption enabled"
     );
