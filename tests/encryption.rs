@@ -268,10 +268,61 @@ async fn rotation_with_reencrypt(backend: Backend) {
     }
 }
 
+/// Rows stored under the plaintext opt-out are visible to the scan, and `tokend
+/// reencrypt` encrypts them. After a `VACUUM` no issued token is left in storage.
+async fn plaintext_rows_get_encrypted(backend: Backend) {
+    let options = Options {
+        encryption: Some(StorageEncryption::Plaintext),
+        ..Options::default()
+    };
+    let mut env = TestEnv::start_on(&backend, options).await;
+    env.exchange("alice").await;
+    env.exchange("bob").await;
+    let tokens = env.emulator.issued_tokens();
+    let bytes = stored_bytes(&env);
+    let found = tokens
+        .iter()
+        .filter(|token| contains(&bytes, token))
+        .count();
+    assert_eq!(found, tokens.len(), "the scan misses plaintext tokens");
+    for (user_id, key) in key_ids(&env).await {
+        assert_eq!(key, None, "{user_id}");
+    }
+
+    let key = key_text();
+    if matches!(backend, Backend::Sqlite) {
+        env.daemon.take().unwrap().shutdown().await.unwrap();
+    }
+    let output = reencrypt(&env, &key);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("done: 2 token sets re-encrypted"),
+        "{stdout}"
+    );
+    for (user_id, stored_key) in key_ids(&env).await {
+        assert_eq!(stored_key, Some(key_id(&key)), "{user_id}");
+    }
+
+    env.options.encryption = Some(keys(&[&key]));
+    env.restart().await;
+    assert!(env.access_token("alice").await.is_ok());
+    env.daemon.take().unwrap().shutdown().await.unwrap();
+    execute(&env, "VACUUM").await;
+    let bytes = stored_bytes(&env);
+    assert!(contains(&bytes, "alice"), "the scan did not find alice");
+    let found = tokens
+        .iter()
+        .filter(|token| contains(&bytes, token))
+        .count();
+    assert_eq!(found, 0, "{found} tokens remain in plaintext");
+}
+
 backend_tests!(
     no_token_reaches_storage,
     moved_ciphertext_fails,
-    rotation_with_reencrypt
+    rotation_with_reencrypt,
+    plaintext_rows_get_encrypted,
 );
 
 /// The first start on SQLite without a key creates `tokend.db.key` with mode 0600, and
