@@ -2,6 +2,9 @@
 //! that takes the write lock when it begins (`BEGIN IMMEDIATE`), so that concurrent
 //! writers wait for the busy timeout instead of failing with "database is locked".
 
+mod auth_codes;
+mod reencrypt;
+
 use std::{
     fs::{File, TryLockError},
     path::{Path, PathBuf},
@@ -24,10 +27,9 @@ use sqlx::{
 use tracing::error;
 
 use super::{
-    Claim, CodeClaim, CodeExchange, FailureRecord, NewTokens, ReencryptBatch, StoreError, TokenSet,
-    TokenSetKey, TokenStatus, TokenStore,
-    encryption::{TokenCipher, TokenColumn},
-    format_time, open_tokens, seal_tokens, undecryptable_message,
+    Claim, CodeClaim, FailureRecord, NewTokens, ReencryptBatch, StoreError, TokenSet, TokenSetKey,
+    TokenStatus, TokenStore, encryption::TokenCipher, format_time, open_tokens, seal_tokens,
+    undecryptable_message,
 };
 
 /// How long a statement waits for another connection's write lock before failing.
@@ -347,74 +349,7 @@ impl TokenStore for SqliteStore {
         after: Option<&TokenSetKey>,
         limit: u32,
     ) -> Result<ReencryptBatch, StoreError> {
-        let primary = self.cipher.key_id().ok_or(StoreError::NoEncryptionKey)?;
-        // No row has an empty user id, so ('', '') sorts before every row.
-        let (after_app, after_user) = after
-            .map(|key| (key.app.as_str(), key.user_id.as_str()))
-            .unwrap_or(("", ""));
-        let rows = sqlx::query(
-            "SELECT app, user_id, version, key_id, access_token, refresh_token FROM token_sets \
-             WHERE (key_id IS NULL OR key_id <> ?1) AND (app, user_id) > (?2, ?3) \
-             ORDER BY app, user_id LIMIT ?4",
-        )
-        .bind(primary)
-        .bind(after_app)
-        .bind(after_user)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-
-        let mut batch = ReencryptBatch::default();
-        for row in &rows {
-            let key = TokenSetKey {
-                app: row.try_get("app")?,
-                user_id: row.try_get("user_id")?,
-            };
-            let version: i64 = row.try_get("version")?;
-            let key_id: Option<String> = row.try_get("key_id")?;
-            batch.scanned += 1;
-            batch.last = Some(key.clone());
-            let (access_token, refresh_token) = match open_tokens(
-                &self.cipher,
-                &key,
-                key_id.as_deref(),
-                row.try_get("access_token")?,
-                row.try_get("refresh_token")?,
-            ) {
-                Ok(tokens) => tokens,
-                Err(error) => {
-                    batch.failed.push(error);
-                    continue;
-                }
-            };
-            let access_token = self
-                .cipher
-                .seal(&key, TokenColumn::AccessToken, &access_token);
-            let refresh_token = refresh_token
-                .map(|token| self.cipher.seal(&key, TokenColumn::RefreshToken, &token));
-
-            let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-            let result = sqlx::query(
-                "UPDATE token_sets SET access_token = ?1, refresh_token = ?2, key_id = ?3 \
-                 WHERE app = ?4 AND user_id = ?5 AND version = ?6 AND key_id IS ?7",
-            )
-            .bind(access_token)
-            .bind(refresh_token)
-            .bind(primary)
-            .bind(&key.app)
-            .bind(&key.user_id)
-            .bind(version)
-            .bind(key_id)
-            .execute(&mut *transaction)
-            .await?;
-            transaction.commit().await?;
-            if result.rows_affected() > 0 {
-                batch.reencrypted += 1;
-            } else {
-                batch.changed_meanwhile += 1;
-            }
-        }
-        Ok(batch)
+        self.reencrypt_rows(after, limit).await
     }
 
     async fn claim_code(
@@ -425,90 +360,16 @@ impl TokenStore for SqliteStore {
         expired_before: DateTime<Utc>,
         stale_before: DateTime<Utc>,
     ) -> Result<CodeClaim, StoreError> {
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM auth_code_exchanges WHERE started_at < ?1")
-            .bind(format_time(expired_before))
-            .execute(&mut *transaction)
-            .await?;
-
-        let inserted = sqlx::query(
-            "INSERT INTO auth_code_exchanges (code_hash, app, user_id, started_at) \
-             VALUES (?1, ?2, ?3, ?4) ON CONFLICT (code_hash) DO NOTHING",
-        )
-        .bind(code_hash)
-        .bind(&key.app)
-        .bind(&key.user_id)
-        .bind(format_time(now))
-        .execute(&mut *transaction)
-        .await?;
-        let taken_over = if inserted.rows_affected() > 0 {
-            true
-        } else {
-            sqlx::query(
-                "UPDATE auth_code_exchanges SET started_at = ?1 WHERE code_hash = ?2 \
-                 AND app = ?3 AND user_id = ?4 AND finished_at IS NULL AND started_at < ?5",
-            )
-            .bind(format_time(now))
-            .bind(code_hash)
-            .bind(&key.app)
-            .bind(&key.user_id)
-            .bind(format_time(stale_before))
-            .execute(&mut *transaction)
-            .await?
-            .rows_affected()
-                > 0
-        };
-        if taken_over {
-            transaction.commit().await?;
-            return Ok(CodeClaim::Claimed);
-        }
-
-        let row = sqlx::query(
-            "SELECT app, user_id, started_at, finished_at FROM auth_code_exchanges \
-             WHERE code_hash = ?1",
-        )
-        .bind(code_hash)
-        .fetch_one(&mut *transaction)
-        .await?;
-        transaction.commit().await?;
-
-        let started_at: String = row.try_get("started_at")?;
-        let finished_at: Option<String> = row.try_get("finished_at")?;
-        let key = TokenSetKey {
-            app: row.try_get("app")?,
-            user_id: row.try_get("user_id")?,
-        };
-        let started_at = parse_time(&started_at).map_err(|detail| StoreError::InvalidRow {
-            key: key.clone(),
-            column: "auth_code_exchanges.started_at",
-            detail,
-        })?;
-        Ok(CodeClaim::Existing(CodeExchange {
-            key,
-            finished: finished_at.is_some(),
-            started_at,
-        }))
+        self.claim_code_record(code_hash, key, now, expired_before, stale_before)
+            .await
     }
 
     async fn finish_code(&self, code_hash: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("UPDATE auth_code_exchanges SET finished_at = ?1 WHERE code_hash = ?2")
-            .bind(format_time(now))
-            .bind(code_hash)
-            .execute(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
-        Ok(())
+        self.finish_code_record(code_hash, now).await
     }
 
     async fn release_code(&self, code_hash: &str) -> Result<(), StoreError> {
-        let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("DELETE FROM auth_code_exchanges WHERE code_hash = ?1 AND finished_at IS NULL")
-            .bind(code_hash)
-            .execute(&mut *transaction)
-            .await?;
-        transaction.commit().await?;
-        Ok(())
+        self.release_code_record(code_hash).await
     }
 
     async fn close(&self) {
