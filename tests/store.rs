@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use secrecy::SecretString;
 use support::Backend;
 use tokend::store::{
-    self, Claim, FailureRecord, NewTokens, TokenSetKey, TokenStatus, TokenStore,
+    self, Claim, FailureRecord, NewTokens, StoreError, TokenSetKey, TokenStatus, TokenStore,
     encryption::TokenCipher,
 };
 
@@ -243,11 +243,85 @@ async fn failure_ends_the_claim(backend: Backend) {
     assert!(store.get(&key).await.unwrap().is_none());
 }
 
+/// Runs a statement on the fixture's database beside the store.
+async fn execute(fixture: &Fixture, backend: &Backend, statement: &str) {
+    let statement = sqlx::AssertSqlSafe(statement.to_owned());
+    match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&fixture.url).await.unwrap();
+            sqlx::query(statement).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres(_) => {
+            let pool = sqlx::PgPool::connect(&fixture.url).await.unwrap();
+            sqlx::query(statement).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+/// A due row under a key that is not configured is left alone, and a due row that fails
+/// to decrypt loses its schedule, while the other due rows are still claimed.
+async fn undecryptable_rows_are_skipped(backend: Backend) {
+    let fixture = open(&backend).await;
+    let store = fixture.store.as_ref();
+    let due = Utc::now() - Duration::seconds(1);
+    for user_id in ["good", "corrupt", "unknown-key"] {
+        insert(store, user_id, due).await;
+    }
+    execute(
+        &fixture,
+        &backend,
+        "UPDATE token_sets SET access_token = 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' \
+         WHERE user_id = 'corrupt'",
+    )
+    .await;
+    execute(
+        &fixture,
+        &backend,
+        "UPDATE token_sets SET key_id = '0000000000000000' WHERE user_id = 'unknown-key'",
+    )
+    .await;
+
+    let claimed = store
+        .claim_due(
+            &claim("a", 1, Utc::now() + Duration::minutes(1)),
+            Utc::now(),
+            10,
+        )
+        .await
+        .unwrap();
+    let users: Vec<&str> = claimed.iter().map(|set| set.key.user_id.as_str()).collect();
+    assert_eq!(users, ["good"]);
+
+    let error = store.get(&TokenSetKey::new("corrupt")).await.unwrap_err();
+    assert!(matches!(error, StoreError::Decrypt { .. }), "{error}");
+    let error = store
+        .get(&TokenSetKey::new("unknown-key"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("0000000000000000"), "{error}");
+    assert!(error.contains("no configured key"), "{error}");
+
+    // Later passes claim neither row: one has no schedule, the other no key.
+    let claimed = store
+        .claim_due(
+            &claim("a", 2, Utc::now() + Duration::minutes(1)),
+            Utc::now(),
+            10,
+        )
+        .await
+        .unwrap();
+    assert!(claimed.is_empty(), "{claimed:?}");
+}
+
 backend_tests! {
     claims_exclude_each_other,
     writes_are_fenced_by_the_claim,
     due_sets_claimed_in_order,
     failure_ends_the_claim,
+    undecryptable_rows_are_skipped,
 }
 
 /// The two lookups on the hot path, "which token sets are due" and "this user's token
