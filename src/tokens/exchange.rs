@@ -39,6 +39,9 @@ impl TokenManager {
             return Ok(set);
         }
 
+        // NOTE: the token set and the finished mark are two writes. A crash between them
+        // leaves the record unfinished, so a retry after one lease reaches Tiki, which
+        // rejects the used code and revokes the grant that was just stored.
         match self.exchange_claimed(key, auth_code).await {
             Ok(set) => {
                 if let Err(error) = self.store.finish_code(&code_hash, Utc::now()).await {
