@@ -123,6 +123,20 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Re-encrypt every stored token set that is not under the first encryption key.
+    /// Runs beside the daemon on PostgreSQL; on SQLite, stop the daemon first.
+    Reencrypt(ReencryptArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReencryptArgs {
+    /// TOML settings file; TOKEND_* environment variables override its keys. Only the
+    /// database and encryption settings are read.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Rows read and re-encrypted per batch.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
 }
 
 /// Status names that `list --status` accepts, as the database stores them.
@@ -186,6 +200,13 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_TLS_CLIENT_CA_FILE   PEM CA that client certificates must chain to (mTLS)
   TOKEND_API_KEYS_FILE        API keys file, one `ROLE sha256:HEX [NAME]` per line
   TOKEND_ALLOW_INSECURE_BIND  true to allow a non-loopback address without TLS or keys
+  TOKEND_ENCRYPTION_KEY       base64 32-byte keys, comma separated; the first encrypts
+                              (required on PostgreSQL; SQLite defaults to DATABASE.key)
+  TOKEND_ENCRYPTION_KEY_FILE  a file with one such key per line (instead of the above)
+  TOKEND_ALLOW_PLAINTEXT_STORAGE  true stores tokens unencrypted when no key is set
+                              (default false)
+  TOKEND_EXCHANGE_RETRY_WINDOW  seconds a retried auth code gets the stored token set
+                              (default 600)
   TOKEND_LOG                  log filter (default info)
   TOKEND_LOG_FORMAT           log format, text or json (default text; same as --log-format)
 The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.

@@ -256,6 +256,12 @@ impl Emulator {
         debug!(customer_id, revoked, "customer's token families revoked");
     }
 
+    /// Returns every access and refresh token issued since the emulator started, so that
+    /// a test can look for them where they must not appear.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().grants.issued_tokens()
+    }
+
     /// Returns a snapshot of the counters.
     pub fn stats(&self) -> EmulatorStats {
         self.shared.lock().stats.clone()

@@ -21,7 +21,7 @@ use validate::{auth_code, user_key};
 
 use crate::{
     proto::{self, token_service_server::TokenService},
-    store::{TokenSet, TokenStatus},
+    store::{StoreError, TokenSet, TokenStatus},
     tokens::{ServedToken, TokenError, TokenManager},
 };
 
@@ -209,10 +209,21 @@ fn to_status(error: TokenError) -> Status {
         TokenError::CodeRejected(reason) => Status::failed_precondition(format!(
             "Tiki rejected the auth code; get a new one through my.getAuthCode: {reason}"
         )),
+        TokenError::CodeUsedForOtherUser => Status::failed_precondition(
+            "this auth_code was already sent for a different user_id; get a new auth code \
+             through my.getAuthCode for this user",
+        ),
         TokenError::Unavailable(reason) => Status::unavailable(reason),
         TokenError::CredentialsRejected => Status::unavailable(
             "Tiki rejected tokend's client credentials; an operator must fix the settings",
         ),
+        TokenError::Store(error @ StoreError::Decrypt { .. }) => {
+            error!(%error, "stored tokens cannot be decrypted");
+            Status::internal(format!(
+                "tokend cannot decrypt this user's stored tokens; an operator must fix the \
+                 encryption keys: {error}"
+            ))
+        }
         TokenError::Store(error) => {
             error!(%error, "storage failed while handling a request");
             Status::unavailable("tokend's database is unavailable; retry later")

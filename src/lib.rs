@@ -13,6 +13,7 @@ pub mod admin;
 pub mod cli;
 pub mod emulator;
 pub mod grpc;
+pub mod reencrypt;
 pub mod refresh;
 pub mod sandbox;
 pub mod scheduler;

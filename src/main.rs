@@ -5,10 +5,10 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
 use tokend::{
-    cli::{Cli, Command, run_client},
-    sandbox,
+    cli::{Cli, Command, ReencryptArgs, run_client},
+    reencrypt, sandbox,
     server::Daemon,
-    settings::{self, Settings},
+    settings::{self, Settings, SettingsError},
     systemd, telemetry,
 };
 
@@ -18,8 +18,13 @@ const EXIT_CONFIG: u8 = 78;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve(args) = cli.command else {
-        return run_client(cli.command).await;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Reencrypt(args) => {
+            telemetry::init_logging(telemetry::LogFormat::Text);
+            return reencrypt(&args).await;
+        }
+        command => return run_client(command).await,
     };
 
     telemetry::init_logging(args.log_format);
@@ -78,6 +83,20 @@ fn sandbox_addr(key: &str, default: &str) -> Result<SocketAddr, String> {
             "invalid setting {key}: {variable}={text:?} is not an IP address and port such as {default}"
         )
     })
+}
+
+/// Runs `tokend reencrypt`: exit 78 for invalid settings, 1 when it failed or some
+/// rows could not be decrypted.
+async fn reencrypt(args: &ReencryptArgs) -> ExitCode {
+    match reencrypt::run(args.config.as_deref(), args.batch_size).await {
+        Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(error) if error.is::<SettingsError>() => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(error) => report(Err(error)),
+    }
 }
 
 /// Logs a fatal error once, through the logger that already writes to stderr.

@@ -11,7 +11,7 @@ use tracing::info;
 use crate::{
     emulator::{Emulator, EmulatorConfig},
     server::Daemon,
-    settings::{AccessSettings, Settings},
+    settings::{AccessSettings, Settings, StorageEncryption},
     store::sqlite::lock_database,
 };
 
@@ -39,9 +39,10 @@ pub async fn run(
     // The emulator keeps its token families in memory, so tokens stored by an earlier
     // sandbox run would be unknown to it and fail their first refresh. The database's
     // lock is held while the files go, so that a running sandbox keeps its database.
+    // The key file goes too, and the daemon creates a new one.
     let lock = lock_database(Path::new(SANDBOX_DATABASE))
         .context("another sandbox seems to be running in this directory; stop it first")?;
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal", "-shm", ".key"] {
         let path = format!("{SANDBOX_DATABASE}{suffix}");
         match fs::remove_file(&path) {
             Ok(()) => info!(path, "removed the previous sandbox database"),
@@ -71,6 +72,8 @@ pub async fn run(
         refresh_lease: Duration::from_secs(60),
         replica_id: "sandbox".to_owned(),
         access: AccessSettings::default(),
+        encryption: StorageEncryption::KeyFileBesideDatabase,
+        exchange_retry_window: Duration::from_secs(600),
     };
     let emulator = Emulator::start_on(emulator_addr, config)
         .await

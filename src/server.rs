@@ -21,8 +21,12 @@ use crate::{
     proto::{self, token_service_server::TokenServiceServer},
     refresh::RefreshPolicy,
     scheduler::{Scheduler, SchedulerStats},
-    settings::Settings,
-    store::{self, TokenStore},
+    settings::{Settings, StorageEncryption},
+    store::{
+        self, TokenStore,
+        encryption::{TokenCipher, key_file_is_shared, load_or_create_key_file},
+        sqlite,
+    },
     telemetry,
     tiki::graphql::GraphqlClient,
     tokens::{ManagerSettings, TokenManager},
@@ -74,8 +78,10 @@ impl Daemon {
             })?;
         let admin_addr = admin_listener.local_addr()?;
         telemetry::prometheus();
-        let store = store::connect(&settings.database_url).await?;
+        let cipher = token_cipher(&settings.database_url, &settings.encryption)?;
+        let store = store::connect(&settings.database_url, cipher.clone()).await?;
         info!(database_url = %store::redact_url(&settings.database_url), "database ready");
+        report_key_ids(store.as_ref(), &cipher).await;
 
         let tiki = GraphqlClient::new(
             settings.tiki_graphql_url.clone(),
@@ -97,6 +103,7 @@ impl Daemon {
                 replica_id: settings.replica_id.clone(),
                 lease: settings.refresh_lease,
                 claim_wait: settings.http_timeout,
+                exchange_retry_window: settings.exchange_retry_window,
             },
         ));
 
@@ -327,6 +334,78 @@ fn log_access(settings: &Settings, grpc_addr: SocketAddr) {
     }
     if !grpc_addr.ip().is_loopback() && !client_certificates && api_keys == 0 {
         warn!(%grpc_addr, "any caller that reaches this address may exchange, read and delete token sets; set api_keys_file or tls_client_ca_file");
+    }
+}
+
+/// Builds the cipher for the token columns: the configured keys, the key file beside a
+/// SQLite database (created with a random key on first start), or plaintext.
+pub fn token_cipher(
+    database_url: &str,
+    encryption: &StorageEncryption,
+) -> anyhow::Result<TokenCipher> {
+    let keyring = match encryption {
+        StorageEncryption::Keys(keyring) => keyring.clone(),
+        StorageEncryption::Plaintext => {
+            warn!(
+                "allow_plaintext_storage is set and no encryption key is configured; access and \
+                 refresh tokens are stored in plaintext"
+            );
+            return Ok(TokenCipher::plaintext());
+        }
+        StorageEncryption::KeyFileBesideDatabase => {
+            let path = sqlite::key_file_path(database_url)?;
+            let (keyring, created) = load_or_create_key_file(&path).context(
+                "set TOKEND_ENCRYPTION_KEY, or make the database's directory writable so that \
+                 tokend can create its key file",
+            )?;
+            let key_id = keyring.primary().id().to_owned();
+            if created {
+                info!(path = %path.display(), %key_id, "created the encryption key file; back it up with the database, because the stored tokens cannot be decrypted without it");
+            } else {
+                info!(path = %path.display(), %key_id, "loaded the encryption key file");
+            }
+            if key_file_is_shared(&path) {
+                warn!(path = %path.display(), "other users can read the encryption key file; restrict it with chmod 600");
+            }
+            Arc::new(keyring)
+        }
+    };
+    info!(
+        key_id = %keyring.primary().id(),
+        decrypt_only_keys = keyring.ids().len() - 1,
+        "token encryption enabled"
+    );
+    Ok(TokenCipher::new(keyring))
+}
+
+/// Logs the token sets that are not under the encrypting key: plaintext rows and rows
+/// under older keys at info level, rows under keys that are not configured as errors.
+async fn report_key_ids(store: &dyn TokenStore, cipher: &TokenCipher) {
+    let counts = match store.count_by_key_id().await {
+        Ok(counts) => counts,
+        Err(error) => {
+            warn!(%error, "counting token sets by encryption key failed");
+            return;
+        }
+    };
+    let known = cipher.known_key_ids();
+    let primary = cipher.key_id();
+    for (key_id, token_sets) in counts {
+        match key_id {
+            None if primary.is_some() => {
+                info!(
+                    token_sets,
+                    "token sets are stored in plaintext; run `tokend reencrypt` to encrypt them"
+                );
+            }
+            Some(key_id) if !known.contains(&key_id) => {
+                error!(%key_id, token_sets, "token sets are encrypted with a key that is not configured, so they cannot be served or refreshed; add that key to TOKEND_ENCRYPTION_KEY after the first key");
+            }
+            Some(key_id) if Some(key_id.as_str()) != primary => {
+                info!(%key_id, token_sets, "token sets are encrypted with an older key; run `tokend reencrypt` to move them to the first key");
+            }
+            _ => {}
+        }
     }
 }
 

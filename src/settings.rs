@@ -3,12 +3,22 @@
 //! the same in both places: `grpc_addr` in the file is `TOKEND_GRPC_ADDR` in the
 //! environment.
 
-use std::{fs, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::access::{ApiKeys, tls::TlsSettings};
+use crate::store::{
+    self,
+    encryption::{KeyFileError, Keyring, read_key_file},
+};
 
 /// Tiki's production generation-1 endpoint.
 pub const DEFAULT_TIKI_GRAPHQL_URL: &str = "https://api.tiki.vn/tiniapp/api/graphql/query";
@@ -50,6 +60,30 @@ pub struct Settings {
     pub replica_id: String,
     /// Caller authentication on the gRPC port.
     pub access: AccessSettings,
+    /// The encryption of the token columns at rest.
+    pub encryption: StorageEncryption,
+    /// How long after a first ExchangeAuthCode call a retry with the same auth code gets
+    /// the stored token set instead of a second request to Tiki.
+    pub exchange_retry_window: Duration,
+}
+
+/// The settings that the `reencrypt` command needs: which database, and its keys.
+#[derive(Debug, Clone)]
+pub struct StorageSettings {
+    pub database_url: String,
+    pub encryption: StorageEncryption,
+}
+
+/// The source of the keys that encrypt the token columns.
+#[derive(Debug, Clone)]
+pub enum StorageEncryption {
+    /// Keys from `encryption_key` or `encryption_key_file`; the first encrypts.
+    Keys(Arc<Keyring>),
+    /// SQLite without a configured key: the key file beside the database file, created
+    /// with one random key on first start.
+    KeyFileBesideDatabase,
+    /// No encryption, because `allow_plaintext_storage` is set and no key is configured.
+    Plaintext,
 }
 
 /// Caller authentication on the gRPC port. The default, no TLS and no keys, lets every
@@ -104,6 +138,10 @@ struct RawSettings {
     tls_client_ca_file: Option<String>,
     api_keys_file: Option<String>,
     allow_insecure_bind: Option<bool>,
+    encryption_key: Option<String>,
+    encryption_key_file: Option<String>,
+    allow_plaintext_storage: Option<bool>,
+    exchange_retry_window: Option<u64>,
 }
 
 impl Settings {
@@ -124,6 +162,25 @@ impl Settings {
         };
         raw.apply_env(&env)?;
         raw.validate()
+    }
+
+    /// Loads only the storage settings from the optional file at `config` and the
+    /// process environment, so that local commands need no Tiki credentials.
+    pub fn load_storage(config: Option<&Path>) -> Result<StorageSettings, SettingsError> {
+        Self::load_storage_with(config, |name| std::env::var(name).ok())
+    }
+
+    /// Loads the storage settings with `env` standing in for the process environment.
+    pub fn load_storage_with(
+        config: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<StorageSettings, SettingsError> {
+        let mut raw = match config {
+            Some(path) => read_file(path)?,
+            None => RawSettings::default(),
+        };
+        raw.apply_env(&env)?;
+        raw.validate_storage()
     }
 }
 
@@ -197,6 +254,27 @@ impl RawSettings {
         if let Some(value) = text("TOKEND_ALLOW_INSECURE_BIND") {
             self.allow_insecure_bind = Some(parse_bool("allow_insecure_bind", &value)?);
         }
+        let key = text("TOKEND_ENCRYPTION_KEY");
+        let key_file = text("TOKEND_ENCRYPTION_KEY_FILE");
+        if key.is_some() && key_file.is_some() {
+            return Err(SettingsError::Invalid {
+                key: "encryption_key",
+                message: "TOKEND_ENCRYPTION_KEY and TOKEND_ENCRYPTION_KEY_FILE are both set; \
+                          unset one of them"
+                    .to_owned(),
+            });
+        }
+        if let Some(value) = key {
+            self.encryption_key = Some(value);
+            self.encryption_key_file = None;
+        }
+        if let Some(value) = key_file {
+            self.encryption_key_file = Some(value);
+            self.encryption_key = None;
+        }
+        if let Some(value) = text("TOKEND_ALLOW_PLAINTEXT_STORAGE") {
+            self.allow_plaintext_storage = Some(parse_bool("allow_plaintext_storage", &value)?);
+        }
         let numbers = [
             (
                 "refresh_before",
@@ -233,6 +311,11 @@ impl RawSettings {
                 "TOKEND_MAX_TICK_AGE",
                 &mut self.max_tick_age,
             ),
+            (
+                "exchange_retry_window",
+                "TOKEND_EXCHANGE_RETRY_WINDOW",
+                &mut self.exchange_retry_window,
+            ),
         ];
         for (key, name, field) in numbers {
             if let Some(value) = number(key, name)? {
@@ -243,6 +326,10 @@ impl RawSettings {
     }
 
     fn validate(self) -> Result<Settings, SettingsError> {
+        let StorageSettings {
+            database_url,
+            encryption,
+        } = self.validate_storage()?;
         let client_id = self
             .client_id
             .filter(|id| !id.trim().is_empty())
@@ -259,10 +346,7 @@ impl RawSettings {
             self.tiki_graphql_url
                 .unwrap_or_else(|| DEFAULT_TIKI_GRAPHQL_URL.to_owned()),
         )?;
-        let database_url = database_url(
-            self.database_url
-                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
-        )?;
+
         let grpc_addr = self
             .grpc_addr
             .unwrap_or_else(|| DEFAULT_GRPC_ADDR.to_owned());
@@ -342,6 +426,68 @@ impl RawSettings {
             refresh_lease,
             replica_id,
             access,
+            encryption,
+            exchange_retry_window: seconds(
+                "exchange_retry_window",
+                self.exchange_retry_window,
+                600,
+                1,
+                86_400,
+            )?,
+        })
+    }
+
+    fn validate_storage(&self) -> Result<StorageSettings, SettingsError> {
+        let database_url = database_url(
+            self.database_url
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+        )?;
+        let keyring = match (&self.encryption_key, &self.encryption_key_file) {
+            (Some(text), _) => {
+                Some(
+                    Keyring::parse(text).map_err(|error| SettingsError::Invalid {
+                        key: "encryption_key",
+                        message: format!(
+                            "the value {error}; give one or more comma-separated keys, each the \
+                         base64 of 32 random bytes (for example from `openssl rand -base64 32`)"
+                        ),
+                    })?,
+                )
+            }
+            (None, Some(path)) => Some(read_key_file(&PathBuf::from(path)).map_err(|error| {
+                let message = match error {
+                    KeyFileError::Parse { path, error } => {
+                        format!("{path}: {error}; write one base64 key of 32 random bytes per line")
+                    }
+                    other => other.to_string(),
+                };
+                SettingsError::Invalid {
+                    key: "encryption_key_file",
+                    message,
+                }
+            })?),
+            (None, None) => None,
+        };
+        let encryption = match keyring {
+            Some(keyring) => StorageEncryption::Keys(Arc::new(keyring)),
+            None if self.allow_plaintext_storage == Some(true) => StorageEncryption::Plaintext,
+            None if store::is_postgres_url(&database_url) => {
+                return Err(SettingsError::Missing {
+                    key: "encryption_key",
+                    hint: "PostgreSQL stores tokens only encrypted: set TOKEND_ENCRYPTION_KEY \
+                           to the base64 of 32 random bytes (for example from `openssl rand \
+                           -base64 32`) or TOKEND_ENCRYPTION_KEY_FILE to a file holding it, \
+                           or set TOKEND_ALLOW_PLAINTEXT_STORAGE=true to store tokens in \
+                           plaintext"
+                        .to_owned(),
+                });
+            }
+            None => StorageEncryption::KeyFileBesideDatabase,
+        };
+        Ok(StorageSettings {
+            database_url,
+            encryption,
         })
     }
 }
@@ -550,6 +696,10 @@ pub const VARIABLES: &[&str] = &[
     "TOKEND_TLS_CLIENT_CA_FILE",
     "TOKEND_API_KEYS_FILE",
     "TOKEND_ALLOW_INSECURE_BIND",
+    "TOKEND_ENCRYPTION_KEY",
+    "TOKEND_ENCRYPTION_KEY_FILE",
+    "TOKEND_ALLOW_PLAINTEXT_STORAGE",
+    "TOKEND_EXCHANGE_RETRY_WINDOW",
     "TOKEND_LOG",
     "TOKEND_LOG_FORMAT",
 ];
@@ -729,6 +879,7 @@ mod tests {
     fn postgres_url_is_accepted_and_redacted() {
         let mut vars = CREDENTIALS.to_vec();
         vars.push(("TOKEND_DATABASE_URL", "postgresql://tokend:pw@db/tokend"));
+        vars.push(("TOKEND_ALLOW_PLAINTEXT_STORAGE", "true"));
         let settings = load(None, &vars).unwrap();
         assert!(settings.database_url.starts_with("postgresql://"));
         let mut vars = CREDENTIALS.to_vec();
@@ -777,6 +928,90 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("grpc_adress"), "{error}");
+    }
+
+    const KEY_A: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    const KEY_B: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
+
+    #[test]
+    fn postgres_needs_a_key_or_the_opt_out() {
+        let mut vars = CREDENTIALS.to_vec();
+        vars.push(("TOKEND_DATABASE_URL", "postgres://db/tokend"));
+        let error = load(None, &vars).unwrap_err().to_string();
+        assert!(error.contains("TOKEND_ENCRYPTION_KEY"), "{error}");
+        assert!(error.contains("TOKEND_ALLOW_PLAINTEXT_STORAGE"), "{error}");
+
+        vars.push(("TOKEND_ALLOW_PLAINTEXT_STORAGE", "true"));
+        let settings = load(None, &vars).unwrap();
+        assert!(matches!(settings.encryption, StorageEncryption::Plaintext));
+    }
+
+    #[test]
+    fn encryption_defaults_by_backend() {
+        let settings = load(None, &CREDENTIALS).unwrap();
+        assert!(matches!(
+            settings.encryption,
+            StorageEncryption::KeyFileBesideDatabase
+        ));
+        let mut vars = CREDENTIALS.to_vec();
+        let keys = format!("{KEY_A}, {KEY_B}");
+        vars.push(("TOKEND_ENCRYPTION_KEY", &keys));
+        vars.push(("TOKEND_DATABASE_URL", "postgres://db/tokend"));
+        let StorageEncryption::Keys(keyring) = load(None, &vars).unwrap().encryption else {
+            panic!("the keys are not used");
+        };
+        assert_eq!(keyring.ids().len(), 2);
+    }
+
+    #[test]
+    fn key_file_is_read() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "{KEY_B}\n{KEY_A}").unwrap();
+        let path = file.path().to_str().unwrap();
+        let mut vars = CREDENTIALS.to_vec();
+        vars.push(("TOKEND_ENCRYPTION_KEY_FILE", path));
+        let StorageEncryption::Keys(keyring) = load(None, &vars).unwrap().encryption else {
+            panic!("the key file is not used");
+        };
+        let first = Keyring::parse(KEY_B).unwrap();
+        assert_eq!(keyring.primary().id(), first.primary().id());
+    }
+
+    #[test]
+    fn invalid_keys_name_the_setting_not_the_key() {
+        let short = "c2hvcnQta2V5";
+        let cases = [
+            ("TOKEND_ENCRYPTION_KEY", short, "32 bytes"),
+            ("TOKEND_ENCRYPTION_KEY", "not base64!", "base64"),
+            ("TOKEND_ENCRYPTION_KEY_FILE", "/nonexistent/keys", "reading"),
+            ("TOKEND_ALLOW_PLAINTEXT_STORAGE", "maybe", "true or false"),
+        ];
+        for (name, value, expected) in cases {
+            let mut vars = CREDENTIALS.to_vec();
+            vars.push((name, value));
+            let error = load(None, &vars).unwrap_err().to_string();
+            assert!(error.contains(name), "{name}: {error}");
+            assert!(error.contains(expected), "{name}: {error}");
+            if name == "TOKEND_ENCRYPTION_KEY" {
+                assert!(!error.contains(value), "{name}: {error}");
+            }
+        }
+        let mut vars = CREDENTIALS.to_vec();
+        vars.push(("TOKEND_ENCRYPTION_KEY", KEY_A));
+        vars.push(("TOKEND_ENCRYPTION_KEY_FILE", "/etc/keys"));
+        let error = load(None, &vars).unwrap_err().to_string();
+        assert!(error.contains("both set"), "{error}");
+    }
+
+    #[test]
+    fn storage_settings_need_no_credentials() {
+        let storage = Settings::load_storage_with(None, |name| {
+            (name == "TOKEND_ENCRYPTION_KEY").then(|| KEY_A.to_owned())
+        })
+        .unwrap();
+        assert_eq!(storage.database_url, DEFAULT_DATABASE_URL);
+        assert!(matches!(storage.encryption, StorageEncryption::Keys(_)));
+        assert!(!format!("{storage:?}").contains(KEY_A));
     }
 
     #[test]

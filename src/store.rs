@@ -1,6 +1,7 @@
 //! Token sets as tokend stores them, and the storage trait the rest of the daemon uses.
 //! SQL lives in the backend files below this module and nowhere else.
 
+pub mod encryption;
 pub mod postgres;
 pub mod sqlite;
 
@@ -9,6 +10,8 @@ use std::fmt;
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use secrecy::SecretString;
+
+use encryption::{DecryptError, TokenCipher, TokenColumn};
 
 /// The Tini App a token set belongs to until several apps can share one daemon.
 pub const DEFAULT_APP: &str = "default";
@@ -191,6 +194,57 @@ pub enum StoreError {
         column: &'static str,
         detail: String,
     },
+    #[error(
+        "the {column} of token set {key}, encrypted with key id {key_id}, cannot be decrypted: {source}"
+    )]
+    Decrypt {
+        key: TokenSetKey,
+        column: &'static str,
+        key_id: String,
+        #[source]
+        source: DecryptError,
+    },
+    #[error(
+        "the stored tokens are in plaintext and no encryption key is configured; set TOKEND_ENCRYPTION_KEY to encrypt them"
+    )]
+    NoEncryptionKey,
+}
+
+/// An auth code exchange as recorded for retries of the same call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeExchange {
+    /// The token set the code was sent for.
+    pub key: TokenSetKey,
+    /// Whether the token set from this code was stored; `false` while the first call
+    /// is still waiting for Tiki.
+    pub finished: bool,
+    pub started_at: DateTime<Utc>,
+}
+
+/// The result of [`TokenStore::claim_code`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeClaim {
+    /// The caller may send the code to Tiki.
+    Claimed,
+    /// Another call sent this code within the retry window.
+    Existing(CodeExchange),
+}
+
+/// Progress of one [`TokenStore::reencrypt_batch`] call.
+#[derive(Debug, Default)]
+pub struct ReencryptBatch {
+    /// Rows read that were not under the encrypting key.
+    pub scanned: u64,
+    /// Rows now under the encrypting key.
+    pub reencrypted: u64,
+    /// Rows that a refresh or exchange changed between the read and the write; the
+    /// daemon wrote them with its own first key.
+    pub changed_meanwhile: u64,
+    /// Rows that could not be decrypted, with the reason; they stay as they are.
+    pub failed: Vec<StoreError>,
+    /// The last row read, to pass as `after` to the next batch; `None` when no rows
+    /// are left.
+    pub last: Option<TokenSetKey>,
 }
 
 /// Storage for token sets.
@@ -288,6 +342,38 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Reads the whole table, so call it every few seconds at most.
     async fn summary(&self) -> Result<StoreSummary, StoreError>;
 
+    /// Counts the token sets under each key id; `None` counts the plaintext rows.
+    async fn count_by_key_id(&self) -> Result<Vec<(Option<String>, u64)>, StoreError>;
+
+    /// Re-encrypts up to `limit` rows after `after` (in key order) that are not under
+    /// the encrypting key. Each write is conditional on the row's version and key id,
+    /// so that it never overwrites a newer refresh.
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&TokenSetKey>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError>;
+
+    /// Records that the auth code with hash `code_hash` is being exchanged for `key`,
+    /// unless another call recorded it within the retry window. It first deletes the
+    /// records of codes sent before `expired_before`. A record that never finished and
+    /// started before `stale_before` is taken over when it names the same token set.
+    async fn claim_code(
+        &self,
+        code_hash: &str,
+        key: &TokenSetKey,
+        now: DateTime<Utc>,
+        expired_before: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<CodeClaim, StoreError>;
+
+    /// Marks the exchange of `code_hash` as finished, so that retries get its token set.
+    async fn finish_code(&self, code_hash: &str, now: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Deletes the record of an exchange of `code_hash` that did not finish, so that a
+    /// retry reaches Tiki again.
+    async fn release_code(&self, code_hash: &str) -> Result<(), StoreError>;
+
     /// Starts reporting changes that other replicas make. Backends that serve a single
     /// process return `None`.
     fn subscribe(&self, own_writer: &str) -> Option<tokio::sync::mpsc::Receiver<StoreEvent>> {
@@ -316,17 +402,90 @@ pub fn format_time(time: DateTime<Utc>) -> String {
 }
 
 /// Opens the backend that `url` names (`sqlite:` or `postgres:`/`postgresql:`) and
-/// applies its migrations.
-pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
-    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+/// applies its migrations. `cipher` seals and opens the token columns.
+pub async fn connect(
+    url: &str,
+    cipher: TokenCipher,
+) -> Result<std::sync::Arc<dyn TokenStore>, StoreError> {
+    if is_postgres_url(url) {
         Ok(std::sync::Arc::new(
-            postgres::PostgresStore::connect(url).await?,
+            postgres::PostgresStore::connect(url, cipher).await?,
         ))
     } else {
         Ok(std::sync::Arc::new(
-            sqlite::SqliteStore::connect(url).await?,
+            sqlite::SqliteStore::connect(url, cipher).await?,
         ))
     }
+}
+
+/// Returns whether `url` names a PostgreSQL database rather than a SQLite file.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
+/// Opens both token columns of the row `key`, which `key_id` sealed (`None`: plaintext).
+fn open_tokens(
+    cipher: &TokenCipher,
+    key: &TokenSetKey,
+    key_id: Option<&str>,
+    access_token: String,
+    refresh_token: Option<String>,
+) -> Result<(SecretString, Option<SecretString>), StoreError> {
+    let open = |column: TokenColumn, stored: String| {
+        cipher
+            .open(key, column, key_id, stored)
+            .map_err(|source| StoreError::Decrypt {
+                key: key.clone(),
+                column: column.as_str(),
+                key_id: key_id.unwrap_or_default().to_owned(),
+                source,
+            })
+    };
+    let access_token = open(TokenColumn::AccessToken, access_token)?;
+    let refresh_token = refresh_token
+        .map(|stored| open(TokenColumn::RefreshToken, stored))
+        .transpose()?;
+    Ok((access_token, refresh_token))
+}
+
+/// Returns the stored refresh token that a refresh without a new one keeps, as
+/// `Some(None)` when `tokens` brings its own, and `None` when the claim no longer holds.
+///
+/// The kept token is sealed again because the write moves the row to the first key.
+/// Only the claim holder writes tokens, and a new exchange ends the claim, so the token
+/// cannot change between this read and the write fenced by the same claim.
+async fn kept_refresh_token(
+    store: &dyn TokenStore,
+    key: &TokenSetKey,
+    claim_token: i64,
+    tokens: &NewTokens<'_>,
+) -> Result<Option<Option<SecretString>>, StoreError> {
+    if tokens.refresh_token.is_some() {
+        return Ok(Some(None));
+    }
+    match store.get(key).await? {
+        Some(set) if set.claim_token == Some(claim_token) => Ok(Some(set.refresh_token)),
+        _ => Ok(None),
+    }
+}
+
+/// Seals the tokens of `tokens` for the row `key`: the access and refresh token columns.
+fn seal_tokens(
+    cipher: &TokenCipher,
+    key: &TokenSetKey,
+    tokens: &NewTokens<'_>,
+) -> (String, Option<String>) {
+    let access_token = cipher.seal(key, TokenColumn::AccessToken, tokens.access_token);
+    let refresh_token = tokens
+        .refresh_token
+        .map(|token| cipher.seal(key, TokenColumn::RefreshToken, token));
+    (access_token, refresh_token)
+}
+
+/// Returns the message stored in `last_error` of a due row whose tokens cannot be
+/// decrypted, which the scheduler then stops claiming.
+fn undecryptable_message(error: &StoreError) -> String {
+    format!("{error}; the scheduler skips this token set until a new exchange replaces it")
 }
 
 /// Returns `url` with any password replaced, for logs and errors.

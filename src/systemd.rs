@@ -100,7 +100,9 @@ mod tests {
     ) -> Vec<String> {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("tokend.db").display());
-        let store = store::connect(&url).await.unwrap();
+        let store = store::connect(&url, store::encryption::TokenCipher::plaintext())
+            .await
+            .unwrap();
         let mut health = AdminState::new(
             store.clone(),
             Arc::new(SchedulerStats::default()),

@@ -17,6 +17,7 @@
 
 mod attempt;
 mod cache;
+mod exchange;
 mod forced;
 mod import;
 mod locks;
@@ -27,7 +28,6 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
 use tracing::{debug, error, info, warn};
 
 pub use cache::ServedToken;
@@ -40,10 +40,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     refresh::{self, RefreshPolicy, chrono_duration},
-    store::{
-        NewTokens, StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore,
-        format_time,
-    },
+    store::{StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore, format_time},
     tiki::{FailureClass, TikiError, TokenApi},
 };
 
@@ -70,6 +67,8 @@ pub enum TokenError {
     AlreadyExists(String),
     #[error("Tiki rejected the auth code: {0}")]
     CodeRejected(String),
+    #[error("the auth code was already sent for another user")]
+    CodeUsedForOtherUser,
     #[error("Tiki is unavailable and no valid access token is stored: {0}")]
     Unavailable(String),
     #[error(
@@ -116,6 +115,9 @@ pub struct ManagerSettings {
     /// How long a caller with a valid stored token waits for another refresh of it,
     /// at most; one request to Tiki.
     pub claim_wait: Duration,
+    /// How long after a first exchange a retry with the same auth code gets the stored
+    /// token set.
+    pub exchange_retry_window: Duration,
 }
 
 /// Exchanges, serves and refreshes token sets.
@@ -129,6 +131,7 @@ pub struct TokenManager {
     replica_id: String,
     lease: chrono::Duration,
     claim_wait: chrono::Duration,
+    exchange_retry_window: chrono::Duration,
     /// On-demand refreshes, tracked so that shutdown can wait for those whose caller
     /// already left.
     refreshes: TaskTracker,
@@ -167,6 +170,7 @@ impl TokenManager {
             replica_id: settings.replica_id,
             lease: chrono_duration(settings.lease),
             claim_wait: chrono_duration(settings.claim_wait),
+            exchange_retry_window: chrono_duration(settings.exchange_retry_window),
             credentials_blocked_until: AtomicI64::new(0),
             refreshes: TaskTracker::new(),
             changes: broadcast::Sender::new(CHANGE_BUFFER),
@@ -234,54 +238,6 @@ impl TokenManager {
     /// Number of token sets whose access token is cached.
     pub fn cached_token_sets(&self) -> u64 {
         self.cache.len()
-    }
-
-    /// Exchanges an auth code and stores the token set, replacing the user's old one.
-    pub async fn exchange(
-        &self,
-        key: &TokenSetKey,
-        auth_code: &SecretString,
-    ) -> Result<TokenSet, TokenError> {
-        let _guard = self.locks.lock(key).await;
-        let sent_at = Utc::now();
-        let response = self.tiki.exchange(auth_code).await;
-        crate::telemetry::record_upstream(response.as_ref().err().map(TikiError::class));
-        let grant = response.map_err(|error| {
-            warn!(app = %key.app, user_id = %key.user_id, %error, "auth code exchange failed");
-            match error.class() {
-                FailureClass::GrantRejected => TokenError::CodeRejected(error.to_string()),
-                FailureClass::CredentialsRejected => {
-                    error!(%error, "Tiki rejected tokend's client credentials; fix client_id and client_secret");
-                    TokenError::CredentialsRejected
-                }
-                FailureClass::Transient | FailureClass::OutcomeUnknown => {
-                    TokenError::Unavailable(error.to_string())
-                }
-            }
-        })?;
-
-        let (expires_at, next_refresh_at) =
-            self.policy
-                .schedule(sent_at, grant.expires_in, rand::random::<f64>());
-        let tokens = NewTokens {
-            access_token: &grant.access_token,
-            refresh_token: grant.refresh_token.as_ref(),
-            scopes: &grant.scopes,
-            lifetime_seconds: grant.expires_in,
-            expires_at,
-            next_refresh_at: grant.refresh_token.as_ref().map(|_| next_refresh_at),
-        };
-        let set = self
-            .store
-            .store_exchanged(key, &tokens, &self.replica_id, Utc::now())
-            .await?;
-        self.cache.put(&set);
-        self.announce(TokenSetChange::One(key.clone()));
-        if set.refresh_token.is_none() {
-            warn!(app = %key.app, user_id = %key.user_id, "Tiki issued no refresh token; the user did not grant the offline scope, so the token set expires without refresh");
-        }
-        info!(app = %key.app, user_id = %key.user_id, expires_at = %format_time(set.expires_at), "token set stored");
-        Ok(set)
     }
 
     /// Returns an access token valid for at least `min_valid_seconds` (see

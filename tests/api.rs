@@ -782,14 +782,22 @@ async fn replicas_share_refreshes_and_watches() {
 /// claim is released without one. The other replica is played by a second store handle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_waits_for_foreign_claim() {
-    use tokend::store::{self, Claim, NewTokens, TokenSetKey};
+    use tokend::{
+        settings::StorageEncryption,
+        store::{self, Claim, NewTokens, TokenSetKey, encryption::TokenCipher},
+    };
 
     let Some(backend) = Backend::postgres() else {
         return;
     };
     let mut env = TestEnv::start_on(&backend, Options::default()).await;
     env.exchange("alice").await;
-    let other = store::connect(&env.database_url).await.unwrap();
+    // The second handle needs the daemon's key to write tokens the daemon can read.
+    let cipher = match env.options.encryption.clone() {
+        Some(StorageEncryption::Keys(keyring)) => TokenCipher::new(keyring),
+        _ => TokenCipher::plaintext(),
+    };
+    let other = store::connect(&env.database_url, cipher).await.unwrap();
     let key = TokenSetKey::new("alice");
     let claim = |token: i64| Claim {
         owner: "other".to_owned(),

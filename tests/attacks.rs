@@ -4,9 +4,9 @@
 
 mod support;
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::{Row, sqlite::SqlitePoolOptions};
 use support::{
     Options, TestEnv, millis, now_millis, on_demand_window, sleep_into_on_demand_window, wait_until,
@@ -15,7 +15,11 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig, Fault},
     proto,
     server::Daemon,
-    settings::Settings,
+    settings::{Settings, StorageEncryption},
+    store::{
+        TokenSetKey,
+        encryption::{TokenCipher, TokenColumn, read_key_file},
+    },
 };
 use tonic::Code;
 
@@ -39,16 +43,30 @@ async fn open_database(path: &Path) -> sqlx::SqlitePool {
         .unwrap()
 }
 
+/// Reads and decrypts a user's refresh token with the key file beside the database, as
+/// an attacker holding both files would.
 async fn stored_refresh_token(path: &Path, user_id: &str) -> String {
     let pool = open_database(path).await;
-    let row = sqlx::query("SELECT refresh_token FROM token_sets WHERE user_id = ?1")
+    let row = sqlx::query("SELECT key_id, refresh_token FROM token_sets WHERE user_id = ?1")
         .bind(user_id)
         .fetch_one(&pool)
         .await
         .unwrap();
-    let token: String = row.try_get("refresh_token").unwrap();
+    let key_id: Option<String> = row.try_get("key_id").unwrap();
+    let stored: String = row.try_get("refresh_token").unwrap();
     pool.close().await;
-    token
+    let mut key_file = path.as_os_str().to_owned();
+    key_file.push(".key");
+    let keyring = read_key_file(Path::new(&key_file)).unwrap();
+    let token = TokenCipher::new(Arc::new(keyring))
+        .open(
+            &TokenSetKey::new(user_id),
+            TokenColumn::RefreshToken,
+            key_id.as_deref(),
+            stored,
+        )
+        .unwrap();
+    token.expose_secret().to_owned()
 }
 
 fn daemon_settings(emulator: &Emulator, database: &Path) -> Settings {
@@ -68,6 +86,8 @@ fn daemon_settings(emulator: &Emulator, database: &Path) -> Settings {
         refresh_lease: Duration::from_secs(15),
         replica_id: "attacks".to_owned(),
         access: Default::default(),
+        encryption: StorageEncryption::KeyFileBesideDatabase,
+        exchange_retry_window: Duration::from_secs(600),
     }
 }
 

@@ -310,7 +310,12 @@ async fn rejected_code_fails_precondition(backend: Backend) {
         .exchange_auth_code(request.clone())
         .await
         .unwrap();
-    let reused = env.client.exchange_auth_code(request).await.unwrap_err();
+    // A retry for the same user gets the stored token set, so reuse for another user.
+    let reused = proto::ExchangeAuthCodeRequest {
+        user_id: "bob".to_owned(),
+        ..request
+    };
+    let reused = env.client.exchange_auth_code(reused).await.unwrap_err();
     assert_eq!(reused.code(), Code::FailedPrecondition);
 }
 

@@ -16,8 +16,10 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig, Fault},
     refresh::RefreshPolicy,
     store::{
-        Claim, FailureRecord, NewTokens, StoreError, StoreSummary, TokenSet, TokenSetKey,
-        TokenStatus, TokenStore, sqlite::SqliteStore,
+        Claim, CodeClaim, FailureRecord, NewTokens, ReencryptBatch, StoreError, StoreSummary,
+        TokenSet, TokenSetKey, TokenStatus, TokenStore,
+        encryption::{EncryptionKey, Keyring, TokenCipher},
+        sqlite::SqliteStore,
     },
     tiki::graphql::GraphqlClient,
     tokens::{ManagerSettings, TokenManager},
@@ -125,6 +127,39 @@ impl TokenStore for CountingStore {
         self.inner.summary().await
     }
 
+    async fn count_by_key_id(&self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        self.inner.count_by_key_id().await
+    }
+
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&TokenSetKey>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError> {
+        self.inner.reencrypt_batch(after, limit).await
+    }
+
+    async fn claim_code(
+        &self,
+        code_hash: &str,
+        key: &TokenSetKey,
+        now: DateTime<Utc>,
+        expired_before: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<CodeClaim, StoreError> {
+        self.inner
+            .claim_code(code_hash, key, now, expired_before, stale_before)
+            .await
+    }
+
+    async fn finish_code(&self, code_hash: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.finish_code(code_hash, now).await
+    }
+
+    async fn release_code(&self, code_hash: &str) -> Result<(), StoreError> {
+        self.inner.release_code(code_hash).await
+    }
+
     async fn close(&self) {
         self.inner.close().await;
     }
@@ -150,8 +185,11 @@ async fn setup_with(cache_capacity: u64, config: EmulatorConfig, policy: Refresh
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("tokend.db").display());
     let emulator = Emulator::start(config).await.unwrap();
+    let keyring = Keyring::new(vec![EncryptionKey::generate().0]).unwrap();
     let store = Arc::new(CountingStore {
-        inner: SqliteStore::connect(&url).await.unwrap(),
+        inner: SqliteStore::connect(&url, TokenCipher::new(Arc::new(keyring)))
+            .await
+            .unwrap(),
         reads: AtomicU64::new(0),
     });
     let tiki = GraphqlClient::new(
@@ -170,6 +208,7 @@ async fn setup_with(cache_capacity: u64, config: EmulatorConfig, policy: Refresh
             replica_id: "manager-test".to_owned(),
             lease: Duration::from_secs(30),
             claim_wait: Duration::from_secs(5),
+            exchange_retry_window: Duration::from_secs(600),
         },
     ));
     Setup {

@@ -31,6 +31,8 @@ const BINARY: &str = env!("CARGO_BIN_EXE_tokend");
 const CLIENT_ID: &str = "replicas-client";
 const CLIENT_SECRET: &str = "replicas-secret";
 const SCOPES: [&str; 2] = ["offline", "user_profile"];
+/// The key every replica encrypts tokens with: base64 of 32 bytes of 0x2a.
+const ENCRYPTION_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
 
 const REPLICA_COUNT: usize = 3;
 /// Index of the replica that is killed, `replica-2`.
@@ -387,6 +389,7 @@ fn spawn_replica(index: usize, graphql_url: &str, database_url: &str) -> (Child,
         .env("TOKEND_GRPC_ADDR", "127.0.0.1:0")
         .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
         .env("TOKEND_REPLICA_ID", &id)
+        .env("TOKEND_ENCRYPTION_KEY", ENCRYPTION_KEY)
         .env("TOKEND_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS.to_string())
         .env("TOKEND_REFRESH_LEASE", REFRESH_LEASE_SECONDS.to_string())
         .env("TOKEND_SHUTDOWN_GRACE", "10")

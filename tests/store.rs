@@ -10,7 +10,8 @@ use chrono::{DateTime, Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use support::Backend;
 use tokend::store::{
-    self, Claim, FailureRecord, NewTokens, StoreSummary, TokenSetKey, TokenStatus, TokenStore,
+    self, Claim, FailureRecord, NewTokens, StoreError, StoreSummary, TokenSetKey, TokenStatus,
+    TokenStore, encryption::TokenCipher,
 };
 
 struct Fixture {
@@ -22,7 +23,8 @@ struct Fixture {
 async fn open(backend: &Backend) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let url = backend.fresh_database(dir.path()).await;
-    let store = store::connect(&url).await.unwrap();
+    let cipher = TokenCipher::new(Arc::new(support::random_keyring()));
+    let store = store::connect(&url, cipher).await.unwrap();
     Fixture {
         store,
         url,
@@ -398,6 +400,79 @@ async fn summary_counts_statuses_and_extremes(backend: Backend) {
     assert_eq!(summary.earliest_next_refresh, alice.next_refresh_at);
 }
 
+/// Runs a statement on the fixture's database beside the store.
+async fn execute(fixture: &Fixture, backend: &Backend, statement: &str) {
+    let statement = sqlx::AssertSqlSafe(statement.to_owned());
+    match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&fixture.url).await.unwrap();
+            sqlx::query(statement).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres(_) => {
+            let pool = sqlx::PgPool::connect(&fixture.url).await.unwrap();
+            sqlx::query(statement).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+/// A due row under a key that is not configured is left alone, and a due row that fails
+/// to decrypt loses its schedule, while the other due rows are still claimed.
+async fn undecryptable_rows_are_skipped(backend: Backend) {
+    let fixture = open(&backend).await;
+    let store = fixture.store.as_ref();
+    let due = Utc::now() - Duration::seconds(1);
+    for user_id in ["good", "corrupt", "unknown-key"] {
+        insert(store, user_id, due).await;
+    }
+    execute(
+        &fixture,
+        &backend,
+        "UPDATE token_sets SET access_token = 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' \
+         WHERE user_id = 'corrupt'",
+    )
+    .await;
+    execute(
+        &fixture,
+        &backend,
+        "UPDATE token_sets SET key_id = '0000000000000000' WHERE user_id = 'unknown-key'",
+    )
+    .await;
+
+    let claimed = store
+        .claim_due(
+            &claim("a", 1, Utc::now() + Duration::minutes(1)),
+            Utc::now(),
+            10,
+        )
+        .await
+        .unwrap();
+    let users: Vec<&str> = claimed.iter().map(|set| set.key.user_id.as_str()).collect();
+    assert_eq!(users, ["good"]);
+
+    let error = store.get(&TokenSetKey::new("corrupt")).await.unwrap_err();
+    assert!(matches!(error, StoreError::Decrypt { .. }), "{error}");
+    let error = store
+        .get(&TokenSetKey::new("unknown-key"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("0000000000000000"), "{error}");
+    assert!(error.contains("no configured key"), "{error}");
+
+    // Later passes claim neither row: one has no schedule, the other no key.
+    let claimed = store
+        .claim_due(
+            &claim("a", 2, Utc::now() + Duration::minutes(1)),
+            Utc::now(),
+            10,
+        )
+        .await
+        .unwrap();
+    assert!(claimed.is_empty(), "{claimed:?}");
+}
+
 backend_tests! {
     summary_counts_statuses_and_extremes,
     claims_exclude_each_other,
@@ -406,6 +481,7 @@ backend_tests! {
     failure_ends_the_claim,
     store_new_keeps_existing_set,
     list_pages_by_user_and_status,
+    undecryptable_rows_are_skipped,
 }
 
 /// The two lookups on the hot path, "which token sets are due" and "this user's token

@@ -99,6 +99,7 @@ pub(super) async fn call(command: Command) -> Result<(), String> {
             count,
         } => watch(target, min_valid, count).await?,
         Command::Serve(_)
+        | Command::Reencrypt(_)
         | Command::ApiKey { .. }
         | Command::Migrate { .. }
         | Command::CheckConfig { .. } => {

@@ -33,7 +33,8 @@ pub(super) fn api_key(role: &str, name: Option<&str>) -> Result<(), String> {
 /// Applies the migrations of the database at `url`.
 pub(super) async fn migrate(url: &str) -> Result<(), String> {
     let redacted = store::redact_url(url);
-    let store = store::connect(url)
+    // Migrations touch no token, so no key is needed.
+    let store = store::connect(url, store::encryption::TokenCipher::plaintext())
         .await
         .map_err(|error| format!("migrating {redacted} failed: {error}"))?;
     store.close().await;

@@ -245,6 +245,15 @@ impl Grants {
         })
     }
 
+    /// Returns every access and refresh token issued so far, current or not.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.access_tokens
+            .keys()
+            .chain(self.refresh_tokens.keys())
+            .cloned()
+            .collect()
+    }
+
     /// Revokes every family of `customer_id` and returns how many were live.
     pub fn revoke_customer(&mut self, customer_id: &str) -> usize {
         let mut revoked = 0;

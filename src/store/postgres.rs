@@ -4,6 +4,9 @@
 //! change on the channel `tokend_token_sets`, which [`PostgresStore::subscribe`] turns
 //! into events for the token cache.
 
+mod auth_codes;
+mod reencrypt;
+
 use std::{
     str::FromStr,
     sync::{Arc, Mutex},
@@ -12,18 +15,18 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::{
     Row,
     postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow},
 };
 use tokio::{sync::mpsc, task::JoinHandle};
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::{
-    Claim, FailureRecord, NewTokens, StoreError, StoreEvent, StoreSummary, TokenSet, TokenSetKey,
-    TokenStatus, TokenStore,
+    Claim, CodeClaim, FailureRecord, NewTokens, ReencryptBatch, StoreError, StoreEvent,
+    StoreSummary, TokenSet, TokenSetKey, TokenStatus, TokenStore, encryption::TokenCipher,
+    open_tokens, seal_tokens, undecryptable_message,
 };
 
 /// Enough for the default 16 refreshes in flight plus gRPC reads and the listener.
@@ -43,7 +46,8 @@ macro_rules! columns {
     () => {
         "app, user_id, status, scopes, expires_at, next_refresh_at, refreshed_at, \
          failure_count, last_error, created_at, updated_at, claimed_by, claim_until, \
-         lifetime_seconds, outcome_unknown, version, claim_token, access_token, refresh_token"
+         lifetime_seconds, outcome_unknown, version, claim_token, key_id, access_token, \
+         refresh_token"
     };
 }
 
@@ -54,12 +58,14 @@ pub struct PostgresStore {
     /// Change listeners, stopped by `close` because each keeps a pooled connection
     /// that closing the pool would otherwise wait for.
     listeners: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    cipher: TokenCipher,
 }
 
 impl PostgresStore {
     /// Connects to the database at `url` and applies the migrations. Replicas starting
-    /// together are safe: sqlx serialises migrations with an advisory lock.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// together are safe: sqlx serialises migrations with an advisory lock. `cipher`
+    /// seals and opens the token columns.
+    pub async fn connect(url: &str, cipher: TokenCipher) -> Result<Self, StoreError> {
         let open_error = |source| StoreError::Open {
             url: super::redact_url(url),
             source,
@@ -75,6 +81,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             listeners: Arc::default(),
+            cipher,
         })
     }
 
@@ -83,7 +90,7 @@ impl PostgresStore {
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Option<TokenSet>, StoreError> {
         let row = query.fetch_optional(&self.pool).await?;
-        row.map(|row| read_row(&row)).transpose()
+        row.map(|row| read_row(&row, &self.cipher)).transpose()
     }
 }
 
@@ -115,11 +122,13 @@ impl TokenStore for PostgresStore {
         writer: &str,
         now: DateTime<Utc>,
     ) -> Result<TokenSet, StoreError> {
+        let (access_token, refresh_token) = seal_tokens(&self.cipher, key, tokens);
         let query = sqlx::query(concat!(
             "INSERT INTO token_sets (app, user_id, status, scopes, expires_at, next_refresh_at, \
              refreshed_at, failure_count, last_error, created_at, updated_at, lifetime_seconds, \
-             outcome_unknown, version, updated_by, access_token, refresh_token) \
-             VALUES ($1, $2, 'active', $3, $4, $5, NULL, 0, NULL, $6, $6, $7, false, 1, $8, $9, $10) \
+             outcome_unknown, version, updated_by, access_token, refresh_token, key_id) \
+             VALUES ($1, $2, 'active', $3, $4, $5, NULL, 0, NULL, $6, $6, $7, false, 1, $8, $9, \
+             $10, $11) \
              ON CONFLICT (app, user_id) DO UPDATE SET status = 'active', \
              scopes = excluded.scopes, expires_at = excluded.expires_at, \
              next_refresh_at = excluded.next_refresh_at, refreshed_at = NULL, \
@@ -127,8 +136,8 @@ impl TokenStore for PostgresStore {
              claimed_by = NULL, claim_until = NULL, claim_token = NULL, \
              lifetime_seconds = excluded.lifetime_seconds, outcome_unknown = false, \
              version = token_sets.version + 1, updated_by = excluded.updated_by, \
-             access_token = excluded.access_token, refresh_token = excluded.refresh_token \
-             RETURNING ",
+             access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
+             key_id = excluded.key_id RETURNING ",
             columns!()
         ))
         .bind(&key.app)
@@ -139,12 +148,9 @@ impl TokenStore for PostgresStore {
         .bind(now)
         .bind(lifetime_column(tokens.lifetime_seconds))
         .bind(writer.to_owned())
-        .bind(tokens.access_token.expose_secret().to_owned())
-        .bind(
-            tokens
-                .refresh_token
-                .map(|token| token.expose_secret().to_owned()),
-        );
+        .bind(access_token)
+        .bind(refresh_token)
+        .bind(self.cipher.key_id().map(str::to_owned));
         let written = self.fetch_optional(query).await?;
         // An upsert with RETURNING always yields the row it wrote.
         written.ok_or(StoreError::Query(sqlx::Error::RowNotFound))
@@ -157,11 +163,13 @@ impl TokenStore for PostgresStore {
         writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
+        let (access_token, refresh_token) = seal_tokens(&self.cipher, key, tokens);
         let query = sqlx::query(concat!(
             "INSERT INTO token_sets (app, user_id, status, scopes, expires_at, next_refresh_at, \
              refreshed_at, failure_count, last_error, created_at, updated_at, lifetime_seconds, \
-             outcome_unknown, version, updated_by, access_token, refresh_token) \
-             VALUES ($1, $2, 'active', $3, $4, $5, NULL, 0, NULL, $6, $6, $7, false, 1, $8, $9, $10) \
+             outcome_unknown, version, updated_by, access_token, refresh_token, key_id) \
+             VALUES ($1, $2, 'active', $3, $4, $5, NULL, 0, NULL, $6, $6, $7, false, 1, $8, $9, \
+             $10, $11) \
              ON CONFLICT (app, user_id) DO NOTHING RETURNING ",
             columns!()
         ))
@@ -173,12 +181,9 @@ impl TokenStore for PostgresStore {
         .bind(now)
         .bind(lifetime_column(tokens.lifetime_seconds))
         .bind(writer.to_owned())
-        .bind(tokens.access_token.expose_secret().to_owned())
-        .bind(
-            tokens
-                .refresh_token
-                .map(|token| token.expose_secret().to_owned()),
-        );
+        .bind(access_token)
+        .bind(refresh_token)
+        .bind(self.cipher.key_id().map(str::to_owned));
         self.fetch_optional(query).await
     }
 
@@ -204,7 +209,7 @@ impl TokenStore for PostgresStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(read_row).collect()
+        rows.iter().map(|row| read_row(row, &self.cipher)).collect()
     }
 
     async fn claim_due(
@@ -218,6 +223,7 @@ impl TokenStore for PostgresStore {
              updated_by = $1, outcome_unknown = (t.outcome_unknown OR t.claim_until IS NOT NULL) \
              FROM (SELECT app AS due_app, user_id AS due_user_id FROM token_sets \
              WHERE next_refresh_at <= $4 AND (claim_until IS NULL OR claim_until <= $4) \
+             AND (key_id IS NULL OR key_id = ANY($6)) \
              ORDER BY next_refresh_at LIMIT $5 FOR UPDATE SKIP LOCKED) AS due \
              WHERE t.app = due.due_app AND t.user_id = due.due_user_id RETURNING ",
             columns!()
@@ -227,9 +233,36 @@ impl TokenStore for PostgresStore {
         .bind(claim.token)
         .bind(now)
         .bind(i64::from(limit))
+        .bind(self.cipher.known_key_ids())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(read_row).collect()
+
+        // A row whose tokens do not decrypt under a known key would fail every refresh,
+        // so its claim ends with its schedule cleared instead of failing the whole batch.
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match read_row(row, &self.cipher) {
+                Ok(set) => claimed.push(set),
+                Err(error) => {
+                    let StoreError::Decrypt { key, .. } = &error else {
+                        return Err(error);
+                    };
+                    error!(app = %key.app, user_id = %key.user_id, %error, "a due token set cannot be decrypted; it is no longer scheduled");
+                    sqlx::query(
+                        "UPDATE token_sets SET claimed_by = NULL, claim_until = NULL, \
+                         claim_token = NULL, next_refresh_at = NULL, last_error = $1 \
+                         WHERE app = $2 AND user_id = $3 AND claim_token = $4",
+                    )
+                    .bind(undecryptable_message(&error))
+                    .bind(&key.app)
+                    .bind(&key.user_id)
+                    .bind(claim.token)
+                    .execute(&self.pool)
+                    .await?;
+                }
+            }
+        }
+        Ok(claimed)
     }
 
     async fn claim(
@@ -262,13 +295,20 @@ impl TokenStore for PostgresStore {
         writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
+        let Some(kept) = super::kept_refresh_token(self, key, claim_token, tokens).await? else {
+            return Ok(None);
+        };
+        let tokens = NewTokens {
+            refresh_token: tokens.refresh_token.or(kept.as_ref()),
+            ..*tokens
+        };
+        let (access_token, refresh_token) = seal_tokens(&self.cipher, key, &tokens);
         let query = sqlx::query(concat!(
             "UPDATE token_sets SET status = 'active', scopes = $1, expires_at = $2, \
              next_refresh_at = $3, refreshed_at = $4, failure_count = 0, last_error = NULL, \
              updated_at = $4, lifetime_seconds = $5, outcome_unknown = false, \
-             version = version + 1, access_token = $6, \
-             refresh_token = COALESCE($7, refresh_token), updated_by = $8, \
-             claimed_by = NULL, claim_until = NULL, claim_token = NULL \
+             version = version + 1, access_token = $6, refresh_token = $7, updated_by = $8, \
+             claimed_by = NULL, claim_until = NULL, claim_token = NULL, key_id = $12 \
              WHERE app = $9 AND user_id = $10 AND claim_token = $11 RETURNING ",
             columns!()
         ))
@@ -277,16 +317,13 @@ impl TokenStore for PostgresStore {
         .bind(tokens.next_refresh_at)
         .bind(now)
         .bind(lifetime_column(tokens.lifetime_seconds))
-        .bind(tokens.access_token.expose_secret().to_owned())
-        .bind(
-            tokens
-                .refresh_token
-                .map(|token| token.expose_secret().to_owned()),
-        )
+        .bind(access_token)
+        .bind(refresh_token)
         .bind(writer.to_owned())
         .bind(&key.app)
         .bind(&key.user_id)
-        .bind(claim_token);
+        .bind(claim_token)
+        .bind(self.cipher.key_id().map(str::to_owned));
         self.fetch_optional(query).await
     }
 
@@ -339,6 +376,46 @@ impl TokenStore for PostgresStore {
             .execute(&self.pool)
             .await?;
         Ok(result.rows_affected() > 0)
+    }
+
+    async fn count_by_key_id(&self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        let rows = sqlx::query("SELECT key_id, COUNT(*) AS n FROM token_sets GROUP BY key_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let count: i64 = row.try_get("n")?;
+                Ok((row.try_get("key_id")?, count.unsigned_abs()))
+            })
+            .collect()
+    }
+
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&TokenSetKey>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError> {
+        self.reencrypt_rows(after, limit).await
+    }
+
+    async fn claim_code(
+        &self,
+        code_hash: &str,
+        key: &TokenSetKey,
+        now: DateTime<Utc>,
+        expired_before: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<CodeClaim, StoreError> {
+        self.claim_code_record(code_hash, key, now, expired_before, stale_before)
+            .await
+    }
+
+    async fn finish_code(&self, code_hash: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.finish_code_record(code_hash, now).await
+    }
+
+    async fn release_code(&self, code_hash: &str) -> Result<(), StoreError> {
+        self.release_code_record(code_hash).await
     }
 
     fn subscribe(&self, own_writer: &str) -> Option<mpsc::Receiver<StoreEvent>> {
@@ -471,7 +548,7 @@ fn lifetime_column(seconds: u64) -> i64 {
     i64::try_from(seconds).unwrap_or(i64::MAX)
 }
 
-fn read_row(row: &PgRow) -> Result<TokenSet, StoreError> {
+fn read_row(row: &PgRow, cipher: &TokenCipher) -> Result<TokenSet, StoreError> {
     let key = TokenSetKey {
         app: row.try_get("app")?,
         user_id: row.try_get("user_id")?,
@@ -488,13 +565,19 @@ fn read_row(row: &PgRow) -> Result<TokenSet, StoreError> {
     let scopes: String = row.try_get("scopes")?;
     let failure_count: i32 = row.try_get("failure_count")?;
     let lifetime_seconds: i64 = row.try_get("lifetime_seconds")?;
-    let access_token: String = row.try_get("access_token")?;
-    let refresh_token: Option<String> = row.try_get("refresh_token")?;
+    let key_id: Option<String> = row.try_get("key_id")?;
+    let (access_token, refresh_token) = open_tokens(
+        cipher,
+        &key,
+        key_id.as_deref(),
+        row.try_get("access_token")?,
+        row.try_get("refresh_token")?,
+    )?;
 
     Ok(TokenSet {
         status,
-        access_token: SecretString::from(access_token),
-        refresh_token: refresh_token.map(SecretString::from),
+        access_token,
+        refresh_token,
         scopes: scopes.split_whitespace().map(str::to_owned).collect(),
         lifetime_seconds: u64::try_from(lifetime_seconds)
             .map_err(|_| invalid("lifetime_seconds", lifetime_seconds.to_string()))?,

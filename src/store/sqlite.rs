@@ -2,6 +2,9 @@
 //! that takes the write lock when it begins (`BEGIN IMMEDIATE`), so that concurrent
 //! writers wait for the busy timeout instead of failing with "database is locked".
 
+mod auth_codes;
+mod reencrypt;
+
 use std::{
     fs::{File, TryLockError},
     path::{Path, PathBuf},
@@ -12,7 +15,6 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use secrecy::{ExposeSecret, SecretString};
 use sqlx::{
     Row, Sqlite,
     query::Query,
@@ -22,9 +24,12 @@ use sqlx::{
     },
 };
 
+use tracing::error;
+
 use super::{
-    Claim, FailureRecord, NewTokens, StoreError, StoreSummary, TokenSet, TokenSetKey, TokenStatus,
-    TokenStore, format_time,
+    Claim, CodeClaim, FailureRecord, NewTokens, ReencryptBatch, StoreError, StoreSummary, TokenSet,
+    TokenSetKey, TokenStatus, TokenStore, encryption::TokenCipher, format_time, open_tokens,
+    seal_tokens, undecryptable_message,
 };
 
 /// How long a statement waits for another connection's write lock before failing.
@@ -37,7 +42,8 @@ macro_rules! columns {
     () => {
         "app, user_id, status, scopes, expires_at, next_refresh_at, refreshed_at, \
          failure_count, last_error, created_at, updated_at, claimed_by, claim_until, \
-         lifetime_seconds, outcome_unknown, version, claim_token, access_token, refresh_token"
+         lifetime_seconds, outcome_unknown, version, claim_token, key_id, access_token, \
+         refresh_token"
     };
 }
 
@@ -49,12 +55,14 @@ pub struct SqliteStore {
     /// to tell other processes that a token set changed, so their caches would serve
     /// tokens that Tiki revoked.
     process_lock: Arc<Mutex<Option<File>>>,
+    cipher: TokenCipher,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `url` (`sqlite://PATH` or
-    /// `sqlite:PATH`) and applies the migrations.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// `sqlite:PATH`) and applies the migrations. `cipher` seals and opens the token
+    /// columns.
+    pub async fn connect(url: &str, cipher: TokenCipher) -> Result<Self, StoreError> {
         let open_error = |source| StoreError::Open {
             url: super::redact_url(url),
             source,
@@ -77,6 +85,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             process_lock: Arc::new(Mutex::new(Some(process_lock))),
+            cipher,
         })
     }
 
@@ -89,7 +98,8 @@ impl SqliteStore {
         let mut transaction = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = query.fetch_optional(&mut *transaction).await?;
         transaction.commit().await?;
-        row.map(|row| read_row(&row, Some(key))).transpose()
+        row.map(|row| read_row(&row, Some(key), &self.cipher))
+            .transpose()
     }
 }
 
@@ -105,7 +115,8 @@ impl TokenStore for SqliteStore {
         .bind(&key.user_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| read_row(&row, Some(key))).transpose()
+        row.map(|row| read_row(&row, Some(key), &self.cipher))
+            .transpose()
     }
 
     async fn store_exchanged(
@@ -115,11 +126,13 @@ impl TokenStore for SqliteStore {
         writer: &str,
         now: DateTime<Utc>,
     ) -> Result<TokenSet, StoreError> {
+        let (access_token, refresh_token) = seal_tokens(&self.cipher, key, tokens);
         let query = sqlx::query(concat!(
             "INSERT INTO token_sets (app, user_id, status, scopes, expires_at, next_refresh_at, \
              refreshed_at, failure_count, last_error, created_at, updated_at, lifetime_seconds, \
-             outcome_unknown, version, updated_by, access_token, refresh_token) \
-             VALUES (?1, ?2, 'active', ?3, ?4, ?5, NULL, 0, NULL, ?6, ?6, ?7, 0, 1, ?8, ?9, ?10) \
+             outcome_unknown, version, updated_by, access_token, refresh_token, key_id) \
+             VALUES (?1, ?2, 'active', ?3, ?4, ?5, NULL, 0, NULL, ?6, ?6, ?7, 0, 1, ?8, ?9, ?10, \
+             ?11) \
              ON CONFLICT (app, user_id) DO UPDATE SET status = 'active', \
              scopes = excluded.scopes, expires_at = excluded.expires_at, \
              next_refresh_at = excluded.next_refresh_at, refreshed_at = NULL, \
@@ -127,8 +140,8 @@ impl TokenStore for SqliteStore {
              claimed_by = NULL, claim_until = NULL, claim_token = NULL, \
              lifetime_seconds = excluded.lifetime_seconds, outcome_unknown = 0, \
              version = token_sets.version + 1, updated_by = excluded.updated_by, \
-             access_token = excluded.access_token, refresh_token = excluded.refresh_token \
-             RETURNING ",
+             access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
+             key_id = excluded.key_id RETURNING ",
             columns!()
         ))
         .bind(&key.app)
@@ -139,12 +152,9 @@ impl TokenStore for SqliteStore {
         .bind(format_time(now))
         .bind(lifetime_column(tokens.lifetime_seconds))
         .bind(writer.to_owned())
-        .bind(tokens.access_token.expose_secret().to_owned())
-        .bind(
-            tokens
-                .refresh_token
-                .map(|token| token.expose_secret().to_owned()),
-        );
+        .bind(access_token)
+        .bind(refresh_token)
+        .bind(self.cipher.key_id().map(str::to_owned));
         let written = self.write_returning(query, key).await?;
         // An upsert with RETURNING always yields the row it wrote.
         written.ok_or(StoreError::Query(sqlx::Error::RowNotFound))
@@ -157,11 +167,13 @@ impl TokenStore for SqliteStore {
         writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
+        let (access_token, refresh_token) = seal_tokens(&self.cipher, key, tokens);
         let query = sqlx::query(concat!(
             "INSERT INTO token_sets (app, user_id, status, scopes, expires_at, next_refresh_at, \
              refreshed_at, failure_count, last_error, created_at, updated_at, lifetime_seconds, \
-             outcome_unknown, version, updated_by, access_token, refresh_token) \
-             VALUES (?1, ?2, 'active', ?3, ?4, ?5, NULL, 0, NULL, ?6, ?6, ?7, 0, 1, ?8, ?9, ?10) \
+             outcome_unknown, version, updated_by, access_token, refresh_token, key_id) \
+             VALUES (?1, ?2, 'active', ?3, ?4, ?5, NULL, 0, NULL, ?6, ?6, ?7, 0, 1, ?8, ?9, ?10, \
+             ?11) \
              ON CONFLICT (app, user_id) DO NOTHING RETURNING ",
             columns!()
         ))
@@ -173,12 +185,9 @@ impl TokenStore for SqliteStore {
         .bind(format_time(now))
         .bind(lifetime_column(tokens.lifetime_seconds))
         .bind(writer.to_owned())
-        .bind(tokens.access_token.expose_secret().to_owned())
-        .bind(
-            tokens
-                .refresh_token
-                .map(|token| token.expose_secret().to_owned()),
-        );
+        .bind(access_token)
+        .bind(refresh_token)
+        .bind(self.cipher.key_id().map(str::to_owned));
         self.write_returning(query, key).await
     }
 
@@ -204,7 +213,9 @@ impl TokenStore for SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|row| read_row(row, None)).collect()
+        rows.iter()
+            .map(|row| read_row(row, None, &self.cipher))
+            .collect()
     }
 
     async fn claim_due(
@@ -220,6 +231,7 @@ impl TokenStore for SqliteStore {
              WHERE rowid IN (SELECT rowid FROM token_sets \
              WHERE next_refresh_at IS NOT NULL AND next_refresh_at <= ?4 \
              AND (claim_until IS NULL OR claim_until <= ?4) \
+             AND (key_id IS NULL OR key_id IN (SELECT value FROM json_each(?6))) \
              ORDER BY next_refresh_at LIMIT ?5) RETURNING ",
             columns!()
         ))
@@ -228,10 +240,37 @@ impl TokenStore for SqliteStore {
         .bind(claim.token)
         .bind(format_time(now))
         .bind(i64::from(limit))
+        .bind(serde_json::to_string(&self.cipher.known_key_ids()).unwrap_or_default())
         .fetch_all(&mut *transaction)
         .await?;
+
+        // A row whose tokens do not decrypt under a known key would fail every refresh,
+        // so its claim ends with its schedule cleared instead of failing the whole batch.
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match read_row(row, None, &self.cipher) {
+                Ok(set) => claimed.push(set),
+                Err(error) => {
+                    let StoreError::Decrypt { key, .. } = &error else {
+                        return Err(error);
+                    };
+                    error!(app = %key.app, user_id = %key.user_id, %error, "a due token set cannot be decrypted; it is no longer scheduled");
+                    sqlx::query(
+                        "UPDATE token_sets SET claimed_by = NULL, claim_until = NULL, \
+                         claim_token = NULL, next_refresh_at = NULL, last_error = ?1 \
+                         WHERE app = ?2 AND user_id = ?3 AND claim_token = ?4",
+                    )
+                    .bind(undecryptable_message(&error))
+                    .bind(&key.app)
+                    .bind(&key.user_id)
+                    .bind(claim.token)
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+            }
+        }
         transaction.commit().await?;
-        rows.iter().map(|row| read_row(row, None)).collect()
+        Ok(claimed)
     }
 
     async fn claim(
@@ -264,13 +303,20 @@ impl TokenStore for SqliteStore {
         writer: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<TokenSet>, StoreError> {
+        let Some(kept) = super::kept_refresh_token(self, key, claim_token, tokens).await? else {
+            return Ok(None);
+        };
+        let tokens = NewTokens {
+            refresh_token: tokens.refresh_token.or(kept.as_ref()),
+            ..*tokens
+        };
+        let (access_token, refresh_token) = seal_tokens(&self.cipher, key, &tokens);
         let query = sqlx::query(concat!(
             "UPDATE token_sets SET status = 'active', scopes = ?1, expires_at = ?2, \
              next_refresh_at = ?3, refreshed_at = ?4, failure_count = 0, last_error = NULL, \
              updated_at = ?4, lifetime_seconds = ?5, outcome_unknown = 0, \
-             version = version + 1, access_token = ?6, \
-             refresh_token = COALESCE(?7, refresh_token), updated_by = ?8, \
-             claimed_by = NULL, claim_until = NULL, claim_token = NULL \
+             version = version + 1, access_token = ?6, refresh_token = ?7, updated_by = ?8, \
+             claimed_by = NULL, claim_until = NULL, claim_token = NULL, key_id = ?12 \
              WHERE app = ?9 AND user_id = ?10 AND claim_token = ?11 RETURNING ",
             columns!()
         ))
@@ -279,16 +325,13 @@ impl TokenStore for SqliteStore {
         .bind(tokens.next_refresh_at.map(format_time))
         .bind(format_time(now))
         .bind(lifetime_column(tokens.lifetime_seconds))
-        .bind(tokens.access_token.expose_secret().to_owned())
-        .bind(
-            tokens
-                .refresh_token
-                .map(|token| token.expose_secret().to_owned()),
-        )
+        .bind(access_token)
+        .bind(refresh_token)
         .bind(writer.to_owned())
         .bind(&key.app)
         .bind(&key.user_id)
-        .bind(claim_token);
+        .bind(claim_token)
+        .bind(self.cipher.key_id().map(str::to_owned));
         self.write_returning(query, key).await
     }
 
@@ -373,6 +416,46 @@ impl TokenStore for SqliteStore {
         })
     }
 
+    async fn count_by_key_id(&self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        let rows = sqlx::query("SELECT key_id, COUNT(*) AS n FROM token_sets GROUP BY key_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let count: i64 = row.try_get("n")?;
+                Ok((row.try_get("key_id")?, count.unsigned_abs()))
+            })
+            .collect()
+    }
+
+    async fn reencrypt_batch(
+        &self,
+        after: Option<&TokenSetKey>,
+        limit: u32,
+    ) -> Result<ReencryptBatch, StoreError> {
+        self.reencrypt_rows(after, limit).await
+    }
+
+    async fn claim_code(
+        &self,
+        code_hash: &str,
+        key: &TokenSetKey,
+        now: DateTime<Utc>,
+        expired_before: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> Result<CodeClaim, StoreError> {
+        self.claim_code_record(code_hash, key, now, expired_before, stale_before)
+            .await
+    }
+
+    async fn finish_code(&self, code_hash: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.finish_code_record(code_hash, now).await
+    }
+
+    async fn release_code(&self, code_hash: &str) -> Result<(), StoreError> {
+        self.release_code_record(code_hash).await
+    }
+
     async fn close(&self) {
         self.pool.close().await;
         let lock = self
@@ -382,6 +465,18 @@ impl TokenStore for SqliteStore {
             .take();
         drop(lock);
     }
+}
+
+/// Returns the path of the key file beside the SQLite database at `url`: the
+/// database's path with `.key` appended.
+pub fn key_file_path(url: &str) -> Result<PathBuf, StoreError> {
+    let options = SqliteConnectOptions::from_str(url).map_err(|source| StoreError::Open {
+        url: super::redact_url(url),
+        source,
+    })?;
+    let mut name = options.get_filename().as_os_str().to_owned();
+    name.push(".key");
+    Ok(PathBuf::from(name))
 }
 
 /// Takes an exclusive lock on `database.lock` so that only one process uses the file.
@@ -431,7 +526,11 @@ fn lifetime_column(seconds: u64) -> i64 {
 }
 
 /// Reads a row; `key` names it in errors when the caller knows it.
-fn read_row(row: &SqliteRow, key: Option<&TokenSetKey>) -> Result<TokenSet, StoreError> {
+fn read_row(
+    row: &SqliteRow,
+    key: Option<&TokenSetKey>,
+    cipher: &TokenCipher,
+) -> Result<TokenSet, StoreError> {
     let row_key = TokenSetKey {
         app: row.try_get("app")?,
         user_id: row.try_get("user_id")?,
@@ -458,14 +557,20 @@ fn read_row(row: &SqliteRow, key: Option<&TokenSetKey>) -> Result<TokenSet, Stor
     let scopes: String = row.try_get("scopes")?;
     let failure_count: i64 = row.try_get("failure_count")?;
     let lifetime_seconds: i64 = row.try_get("lifetime_seconds")?;
-    let access_token: String = row.try_get("access_token")?;
-    let refresh_token: Option<String> = row.try_get("refresh_token")?;
+    let key_id: Option<String> = row.try_get("key_id")?;
+    let (access_token, refresh_token) = open_tokens(
+        cipher,
+        &row_key,
+        key_id.as_deref(),
+        row.try_get("access_token")?,
+        row.try_get("refresh_token")?,
+    )?;
 
     Ok(TokenSet {
         key: row_key.clone(),
         status,
-        access_token: SecretString::from(access_token),
-        refresh_token: refresh_token.map(SecretString::from),
+        access_token,
+        refresh_token,
         scopes: scopes.split_whitespace().map(str::to_owned).collect(),
         lifetime_seconds: u64::try_from(lifetime_seconds)
             .map_err(|_| invalid("lifetime_seconds", lifetime_seconds.to_string()))?,

@@ -111,9 +111,10 @@ impl TokenManager {
         let (expires_at, next_refresh_at) =
             self.policy
                 .schedule(sent_at, grant.expires_in, rand::random::<f64>());
+        // A refresh that does not rotate the refresh token keeps the one presented.
         let tokens = NewTokens {
             access_token: &grant.access_token,
-            refresh_token: grant.refresh_token.as_ref(),
+            refresh_token: grant.refresh_token.as_ref().or(set.refresh_token.as_ref()),
             scopes: &grant.scopes,
             lifetime_seconds: grant.expires_in,
             expires_at,

@@ -17,7 +17,8 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig},
     proto::{self, token_service_client::TokenServiceClient},
     server::Daemon,
-    settings::{AccessSettings, Settings},
+    settings::{AccessSettings, Settings, StorageEncryption},
+    store::encryption::{EncryptionKey, Keyring},
 };
 use tonic::transport::Channel;
 
@@ -110,6 +111,10 @@ pub struct Options {
     /// TLS and API keys on the gRPC port; the client the harness builds speaks plain
     /// HTTP/2 without a key, so tests that set this build their own.
     pub access: AccessSettings,
+    /// The token encryption. `None` picks a default at start: the key file beside a
+    /// SQLite database, or one random key on PostgreSQL because it requires a key.
+    pub encryption: Option<StorageEncryption>,
+    pub exchange_retry_window: Duration,
 }
 
 impl Default for Options {
@@ -120,8 +125,15 @@ impl Default for Options {
             http_timeout: Duration::from_secs(5),
             max_tick_age: Duration::from_secs(60),
             access: AccessSettings::default(),
+            encryption: None,
+            exchange_retry_window: Duration::from_secs(600),
         }
     }
+}
+
+/// Returns a keyring of one random key.
+pub fn random_keyring() -> Keyring {
+    Keyring::new(vec![EncryptionKey::generate().0]).unwrap()
 }
 
 /// The daemon, the emulator it talks to, and a client.
@@ -131,7 +143,8 @@ pub struct TestEnv {
     pub client: Client,
     pub database_url: String,
     pub backend: Backend,
-    options: Options,
+    /// The options the daemon runs with; [`TestEnv::restart`] applies changes.
+    pub options: Options,
     _dir: TempDir,
 }
 
@@ -142,7 +155,15 @@ impl TestEnv {
     }
 
     /// Starts on a fresh store of `backend`.
-    pub async fn start_on(backend: &Backend, options: Options) -> TestEnv {
+    pub async fn start_on(backend: &Backend, mut options: Options) -> TestEnv {
+        if options.encryption.is_none() {
+            options.encryption = Some(match backend {
+                Backend::Sqlite => StorageEncryption::KeyFileBesideDatabase,
+                Backend::Postgres(_) => {
+                    StorageEncryption::Keys(std::sync::Arc::new(random_keyring()))
+                }
+            });
+        }
         let dir = tempfile::tempdir().unwrap();
         let database_url = backend.fresh_database(dir.path()).await;
         let emulator = Emulator::start(EmulatorConfig {
@@ -166,9 +187,12 @@ impl TestEnv {
         }
     }
 
-    /// Stops the daemon and starts a new one on the same database.
+    /// Stops the daemon, unless the test already did, and starts a new one on the same
+    /// database with `options` as they are now.
     pub async fn restart(&mut self) {
-        self.daemon.take().unwrap().shutdown().await.unwrap();
+        if let Some(daemon) = self.daemon.take() {
+            daemon.shutdown().await.unwrap();
+        }
         let daemon = Daemon::start(&settings(&self.emulator, &self.database_url, &self.options))
             .await
             .unwrap();
@@ -289,6 +313,11 @@ pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> S
         refresh_lease: options.http_timeout + Duration::from_secs(10),
         replica_id: "test".to_owned(),
         access: options.access.clone(),
+        encryption: options
+            .encryption
+            .clone()
+            .unwrap_or(StorageEncryption::KeyFileBesideDatabase),
+        exchange_retry_window: options.exchange_retry_window,
     }
 }
 
