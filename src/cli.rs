@@ -90,6 +90,14 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_SHUTDOWN_GRACE       seconds to finish refreshes on shutdown (default 30)
   TOKEND_REFRESH_LEASE        seconds a claim lasts (default 60)
   TOKEND_REPLICA_ID           this replica's name (default HOST-PID)
+  TOKEND_TIKI_MAX_CONCURRENT_REQUESTS
+                              requests to Tiki in flight at once (default 32)
+  TOKEND_TIKI_REQUESTS_PER_SECOND
+                              requests to Tiki started per second, 0 for no limit
+                              (default 50)
+  TOKEND_TIKI_CREDENTIALS_RETRY
+                              seconds requests pause after Tiki rejected the client
+                              credentials (default 60)
   TOKEND_LOG                  log filter (default info)
 The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.
 Invalid settings exit with code 78 before any port is bound.";

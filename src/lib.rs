@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod emulator;
+pub mod failpoint;
 pub mod grpc;
 pub mod refresh;
 pub mod sandbox;

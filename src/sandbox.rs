@@ -55,6 +55,9 @@ pub async fn run(grpc_addr: SocketAddr, emulator_addr: SocketAddr) -> anyhow::Re
         shutdown_grace: Duration::from_secs(10),
         refresh_lease: Duration::from_secs(60),
         replica_id: "sandbox".to_owned(),
+        tiki_max_concurrent_requests: 32,
+        tiki_requests_per_second: 50,
+        tiki_credentials_retry: Duration::from_secs(60),
     };
     let emulator = Emulator::start_on(emulator_addr, config)
         .await

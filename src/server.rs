@@ -32,6 +32,7 @@ pub struct Daemon {
     grpc_addr: SocketAddr,
     shutdown: CancellationToken,
     scheduler_stats: Arc<SchedulerStats>,
+    manager: Arc<TokenManager>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -61,6 +62,7 @@ impl Daemon {
         .context("building the HTTP client for Tiki failed")?;
         let policy = RefreshPolicy {
             refresh_before: settings.refresh_before,
+            credentials_retry: settings.tiki_credentials_retry,
             ..RefreshPolicy::default()
         };
         let manager = Arc::new(TokenManager::new(
@@ -72,6 +74,8 @@ impl Daemon {
                 replica_id: settings.replica_id.clone(),
                 lease: settings.refresh_lease,
                 claim_wait: settings.http_timeout,
+                max_concurrent_requests: settings.tiki_max_concurrent_requests,
+                requests_per_second: settings.tiki_requests_per_second,
             },
         ));
 
@@ -99,6 +103,7 @@ impl Daemon {
             );
         let stop_scheduler = shutdown.clone();
         let grace = settings.shutdown_grace;
+        let daemon_manager = manager.clone();
         let task = tokio::spawn(async move {
             let served = server.await;
             if let Err(error) = &served {
@@ -127,6 +132,7 @@ impl Daemon {
             grpc_addr,
             shutdown,
             scheduler_stats,
+            manager: daemon_manager,
             task,
         })
     }
@@ -139,6 +145,12 @@ impl Daemon {
     /// Counters of the refresh scheduler.
     pub fn scheduler_stats(&self) -> &Arc<SchedulerStats> {
         &self.scheduler_stats
+    }
+
+    /// Returns the token manager, for state that spans token sets such as
+    /// [`TokenManager::credentials_alarm`].
+    pub fn manager(&self) -> &Arc<TokenManager> {
+        &self.manager
     }
 
     /// Shuts down in order and waits until the daemon has stopped.

@@ -40,6 +40,13 @@ pub struct Settings {
     pub refresh_lease: Duration,
     /// Identifies this replica in claims and in the `updated_by` column.
     pub replica_id: String,
+    /// Maximum number of requests to Tiki in flight at once, exchanges and refreshes
+    /// together.
+    pub tiki_max_concurrent_requests: usize,
+    /// Maximum number of requests to Tiki started per second; 0 for no limit.
+    pub tiki_requests_per_second: u32,
+    /// How long requests pause after Tiki rejected tokend's client credentials.
+    pub tiki_credentials_retry: Duration,
 }
 
 /// A setting that is missing or invalid, with the key to fix.
@@ -77,6 +84,9 @@ struct RawSettings {
     shutdown_grace: Option<u64>,
     refresh_lease: Option<u64>,
     replica_id: Option<String>,
+    tiki_max_concurrent_requests: Option<u64>,
+    tiki_requests_per_second: Option<u64>,
+    tiki_credentials_retry: Option<u64>,
 }
 
 impl Settings {
@@ -184,6 +194,21 @@ impl RawSettings {
                 "TOKEND_REFRESH_LEASE",
                 &mut self.refresh_lease,
             ),
+            (
+                "tiki_max_concurrent_requests",
+                "TOKEND_TIKI_MAX_CONCURRENT_REQUESTS",
+                &mut self.tiki_max_concurrent_requests,
+            ),
+            (
+                "tiki_requests_per_second",
+                "TOKEND_TIKI_REQUESTS_PER_SECOND",
+                &mut self.tiki_requests_per_second,
+            ),
+            (
+                "tiki_credentials_retry",
+                "TOKEND_TIKI_CREDENTIALS_RETRY",
+                &mut self.tiki_credentials_retry,
+            ),
         ];
         for (key, name, field) in numbers {
             if let Some(value) = number(key, name)? {
@@ -269,6 +294,27 @@ impl RawSettings {
             shutdown_grace: seconds("shutdown_grace", self.shutdown_grace, 30, 0, 3600)?,
             refresh_lease,
             replica_id,
+            tiki_max_concurrent_requests: bounded(
+                "tiki_max_concurrent_requests",
+                self.tiki_max_concurrent_requests,
+                32,
+                1,
+                1024,
+            )? as usize,
+            tiki_requests_per_second: bounded(
+                "tiki_requests_per_second",
+                self.tiki_requests_per_second,
+                50,
+                0,
+                100_000,
+            )? as u32,
+            tiki_credentials_retry: seconds(
+                "tiki_credentials_retry",
+                self.tiki_credentials_retry,
+                60,
+                1,
+                3600,
+            )?,
         })
     }
 }
@@ -368,6 +414,9 @@ pub const VARIABLES: &[&str] = &[
     "TOKEND_SHUTDOWN_GRACE",
     "TOKEND_REFRESH_LEASE",
     "TOKEND_REPLICA_ID",
+    "TOKEND_TIKI_MAX_CONCURRENT_REQUESTS",
+    "TOKEND_TIKI_REQUESTS_PER_SECOND",
+    "TOKEND_TIKI_CREDENTIALS_RETRY",
     "TOKEND_LOG",
 ];
 

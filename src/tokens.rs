@@ -18,9 +18,10 @@
 mod attempt;
 mod cache;
 mod locks;
+mod upstream;
 
 use std::{
-    sync::{Arc, atomic::AtomicI64},
+    sync::{Arc, Mutex, atomic::AtomicI64},
     time::Duration,
 };
 
@@ -31,6 +32,8 @@ use tracing::{debug, error, info, warn};
 pub use cache::ServedToken;
 use cache::TokenCache;
 use locks::KeyedLocks;
+use upstream::Call;
+pub use upstream::CredentialsAlarm;
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -40,7 +43,7 @@ use crate::{
         NewTokens, StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore,
         format_time,
     },
-    tiki::{FailureClass, TikiError, TokenApi},
+    tiki::{FailureClass, TikiError, TokenApi, gate::RequestGate},
 };
 
 /// Wait before the first repeated commit; it doubles with each further attempt, up to
@@ -97,6 +100,10 @@ pub struct ManagerSettings {
     /// How long a caller with a valid stored token waits for another refresh of it,
     /// at most; one request to Tiki.
     pub claim_wait: Duration,
+    /// Maximum number of requests to Tiki in flight at once.
+    pub max_concurrent_requests: usize,
+    /// Maximum number of requests to Tiki started per second; 0 for no limit.
+    pub requests_per_second: u32,
 }
 
 /// Exchanges, serves and refreshes token sets.
@@ -116,6 +123,10 @@ pub struct TokenManager {
     /// Unix milliseconds until which no refresh is sent, after Tiki rejected tokend's
     /// credentials.
     credentials_blocked_until: AtomicI64,
+    /// Raised while Tiki rejects tokend's credentials.
+    credentials_alarm: Mutex<Option<CredentialsAlarm>>,
+    /// The caps every request to Tiki passes.
+    gate: RequestGate,
 }
 
 impl std::fmt::Debug for dyn TokenStore {
@@ -147,6 +158,11 @@ impl TokenManager {
             lease: chrono_duration(settings.lease),
             claim_wait: chrono_duration(settings.claim_wait),
             credentials_blocked_until: AtomicI64::new(0),
+            credentials_alarm: Mutex::new(None),
+            gate: RequestGate::new(
+                settings.max_concurrent_requests,
+                settings.requests_per_second,
+            ),
             refreshes: TaskTracker::new(),
         }
     }
@@ -207,15 +223,19 @@ impl TokenManager {
         auth_code: &SecretString,
     ) -> Result<TokenSet, TokenError> {
         let _guard = self.locks.lock(key).await;
+        if self.credentials_blocked(Utc::now()).is_some() {
+            return Err(TokenError::CredentialsRejected);
+        }
         let sent_at = Utc::now();
-        let grant = self.tiki.exchange(auth_code).await.map_err(|error| {
+        let wait_limit = self.claim_wait.to_std().unwrap_or_default();
+        let sent = self
+            .send_to_tiki(Call::Exchange, auth_code, wait_limit)
+            .await;
+        let grant = sent.map_err(|error| {
             warn!(app = %key.app, user_id = %key.user_id, %error, "auth code exchange failed");
             match error.class() {
                 FailureClass::GrantRejected => TokenError::CodeRejected(error.to_string()),
-                FailureClass::CredentialsRejected => {
-                    error!(%error, "Tiki rejected tokend's client credentials; fix client_id and client_secret");
-                    TokenError::CredentialsRejected
-                }
+                FailureClass::CredentialsRejected => TokenError::CredentialsRejected,
                 FailureClass::Transient | FailureClass::OutcomeUnknown => {
                     TokenError::Unavailable(error.to_string())
                 }

@@ -143,6 +143,8 @@ async fn setup_with(cache_capacity: u64, config: EmulatorConfig, policy: Refresh
             replica_id: "manager-test".to_owned(),
             lease: Duration::from_secs(30),
             claim_wait: Duration::from_secs(5),
+            max_concurrent_requests: 32,
+            requests_per_second: 0,
         },
     ));
     Setup {

@@ -425,7 +425,7 @@ fn read_log(stderr: ChildStderr, addr_sender: &mpsc::Sender<String>, log: &Mutex
         if line.contains("tokend stopped") {
             log.stopped = true;
         }
-        if line.contains("no answer from Tiki") {
+        if line.contains("readable answer from Tiki") {
             log.tiki_timeouts += 1;
         }
         if line.contains(" WARN ") {
