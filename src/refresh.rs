@@ -122,7 +122,7 @@ impl RefreshPolicy {
                 outcome_unknown: set.outcome_unknown,
             },
             _ if set.outcome_unknown && error.reached_tiki() => reauth(format!(
-                "an earlier refresh got no answer it could read (it timed out, its answer \
+                "an earlier refresh got no answer it could read (it timed out, its response \
                  was unreadable, or its replica stopped before committing), so Tiki may have \
                  rotated the refresh token, and the one retry failed too: {error}"
             )),
