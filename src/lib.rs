@@ -25,4 +25,23 @@ pub mod tokens;
 pub mod proto {
     #![allow(missing_debug_implementations, clippy::all)]
     tonic::include_proto!("tokend.v1");
+
+    impl std::fmt::Debug for ExchangeAuthCodeRequest {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ExchangeAuthCodeRequest")
+                .field("user_id", &self.user_id)
+                .field("auth_code", &"[redacted]")
+                .finish()
+        }
+    }
+
+    impl std::fmt::Debug for AccessToken {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("AccessToken")
+                .field("access_token", &"[redacted]")
+                .field("expires_at", &self.expires_at)
+                .field("scopes", &self.scopes)
+                .finish()
+        }
+    }
 }

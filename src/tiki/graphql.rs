@@ -385,7 +385,9 @@ fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiErr
     }
 }
 
-/// Joins error codes and messages into one short line with secrets masked.
+/// Joins error codes and messages into one short line with secrets masked: the
+/// request's own secrets, and any other run of characters shaped like a token or a
+/// signature, such as an older refresh token that Tiki echoes back.
 fn summarize(codes: &[String], messages: &[String], secrets: &[&str]) -> String {
     let mut parts: Vec<String> = codes.to_vec();
     parts.extend(messages.iter().cloned());
@@ -393,6 +395,7 @@ fn summarize(codes: &[String], messages: &[String], secrets: &[&str]) -> String 
     for secret in secrets.iter().filter(|secret| !secret.is_empty()) {
         text = text.replace(secret, "[redacted]");
     }
+    let text = mask_token_shapes(&text);
     let text: String = text
         .chars()
         .map(|ch| if ch.is_control() { ' ' } else { ch })
@@ -403,6 +406,37 @@ fn summarize(codes: &[String], messages: &[String], secrets: &[&str]) -> String 
     } else {
         text
     }
+}
+
+/// Minimum length of a run of token characters that is masked as a possible token.
+/// Tiki's tokens have 87 characters and signatures 64, while error codes and words
+/// are far shorter.
+const MIN_TOKEN_SHAPE_CHARS: usize = 24;
+
+/// Replaces every run of at least [`MIN_TOKEN_SHAPE_CHARS`] characters that can make
+/// up a token (ASCII letters, digits and `-_.~+/=`) with `[redacted]`.
+fn mask_token_shapes(text: &str) -> String {
+    let is_token_char = |ch: char| ch.is_ascii_alphanumeric() || "-_.~+/=".contains(ch);
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= MIN_TOKEN_SHAPE_CHARS {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for ch in text.chars() {
+        if is_token_char(ch) {
+            run.push(ch);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 fn parse_grant(result: &Value) -> Result<Grant, String> {
@@ -607,6 +641,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(!error.to_string().to_lowercase().contains("secret-token"));
+    }
+
+    #[test]
+    fn token_shapes_are_masked() {
+        let token = "Y24CwtKFz7aPXv8wmghwZpnqHhpHaeA0THJ0qIY3BXj.wm744zZ0JY6SkhRiNFVJT";
+        let signature = "a68fefe3075e24204949eafa78567261498f4f805a3ed9278396b593bed75576";
+        let masked = mask_token_shapes(&format!("bad token {token}, signature={signature}."));
+        // `=` and `.` can be part of a token, so they are masked with it.
+        assert_eq!(masked, "bad token [redacted], [redacted]");
+        let plain = "invalid_token: refresh token was already rotated out";
+        assert_eq!(mask_token_shapes(plain), plain);
     }
 
     #[test]
