@@ -148,6 +148,7 @@ impl TokenManager {
         policy: RefreshPolicy,
         settings: ManagerSettings,
     ) -> Self {
+        upstream::report_credentials_alarm(false);
         TokenManager {
             store,
             tiki,

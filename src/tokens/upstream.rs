@@ -128,7 +128,7 @@ impl TokenManager {
             since,
             error: error.to_string(),
         });
-        metrics::gauge!(CREDENTIALS_GAUGE).set(1.0);
+        report_credentials_alarm(true);
     }
 
     fn clear_credentials_alarm(&self) {
@@ -138,7 +138,90 @@ impl TokenManager {
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(ended) = alarm.take() {
             info!(since = %format_time(ended.since), "Tiki accepts tokend's client credentials again");
-            metrics::gauge!(CREDENTIALS_GAUGE).set(0.0);
+            report_credentials_alarm(false);
         }
+    }
+}
+
+/// Sets the credentials gauge to 1 while the alarm is raised and to 0 otherwise.
+pub(super) fn report_credentials_alarm(raised: bool) {
+    metrics::gauge!(CREDENTIALS_GAUGE).set(if raised { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+    use crate::{
+        refresh::RefreshPolicy, store::sqlite::SqliteStore, tiki::graphql::GraphqlClient,
+        tokens::ManagerSettings,
+    };
+
+    /// Builds a manager whose store and Tiki client are never used.
+    fn manager(store: SqliteStore) -> TokenManager {
+        let tiki = GraphqlClient::new(
+            "http://127.0.0.1:9/".to_owned(),
+            "client".to_owned(),
+            SecretString::from("secret"),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let settings = ManagerSettings {
+            cache_capacity: 10,
+            replica_id: "unit".to_owned(),
+            lease: Duration::from_secs(30),
+            claim_wait: Duration::from_secs(5),
+            max_concurrent_requests: 1,
+            requests_per_second: 0,
+        };
+        TokenManager::new(
+            Arc::new(store),
+            Arc::new(tiki),
+            RefreshPolicy::default(),
+            settings,
+        )
+    }
+
+    fn gauge_line(rendered: &str) -> Option<&str> {
+        rendered
+            .lines()
+            .find(|line| line.starts_with(CREDENTIALS_GAUGE))
+    }
+
+    #[tokio::test]
+    async fn alarm_drives_the_gauge() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let url = format!("sqlite://{}", dir.path().join("tokend.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        let manager = metrics::with_local_recorder(&recorder, || manager(store));
+        assert_eq!(
+            gauge_line(&handle.render()),
+            Some("tokend_tiki_credentials_rejected 0")
+        );
+
+        let first = TikiError::CredentialsRejected("invalid_signature".to_owned());
+        let second = TikiError::CredentialsRejected("invalid_client".to_owned());
+        metrics::with_local_recorder(&recorder, || manager.raise_credentials_alarm(&first));
+        let raised = manager.credentials_alarm().unwrap();
+        metrics::with_local_recorder(&recorder, || manager.raise_credentials_alarm(&second));
+        assert_eq!(
+            gauge_line(&handle.render()),
+            Some("tokend_tiki_credentials_rejected 1")
+        );
+        let alarm = manager.credentials_alarm().unwrap();
+        assert_eq!(alarm.since, raised.since);
+        assert!(alarm.error.contains("invalid_client"), "{}", alarm.error);
+
+        metrics::with_local_recorder(&recorder, || manager.clear_credentials_alarm());
+        assert_eq!(
+            gauge_line(&handle.render()),
+            Some("tokend_tiki_credentials_rejected 0")
+        );
+        assert!(manager.credentials_alarm().is_none());
     }
 }
