@@ -87,7 +87,8 @@ impl fmt::Debug for EmulatorConfig {
 /// Counters of what the emulator saw since it started.
 ///
 /// A GraphQL request that a fault responds to without processing counts only in
-/// `faults_injected`, and a request rejected as malformed (HTTP 400) counts nowhere.
+/// `faults_injected` and the request counters at the end, and a request rejected as
+/// malformed (HTTP 400) counts only in those.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EmulatorStats {
     /// Well-formed `get_auth_access_token` requests.

@@ -343,6 +343,17 @@ impl TokenManager {
             });
         }
 
+        // During a Retry-After pause no request can be sent, so claiming would only
+        // write to the store twice.
+        if let Some(until) = self.tiki_paused_until() {
+            return serve_if_valid(&set, now, || {
+                TokenError::Unavailable(format!(
+                    "Tiki asked for no requests until {} (HTTP 429 with Retry-After)",
+                    format_time(until)
+                ))
+            });
+        }
+
         let key = set.key.clone();
         let Some(claimed) = self.store.claim(&key, &self.new_claim(), now).await? else {
             debug!(app = %key.app, user_id = %key.user_id, "waiting for a refresh that started meanwhile");
