@@ -278,7 +278,7 @@ async fn rate_limit_pauses_every_request(backend: Backend) {
 
 /// HTTP 200 with a body that is not a GraphQL response may hide a refresh that rotated
 /// the token, so the refresh token is presented once more and no further: the second
-/// unreadable response ends in `reauth_required` with a `last_error` that says why.
+/// unreadable response ends in `reauth_required` with a `last_error` that gives the reason.
 async fn unreadable_answers_end_in_reauth_required(backend: Backend) {
     let mut env = TestEnv::start_on(&backend, ten_second_tokens()).await;
     env.exchange("alice").await;
