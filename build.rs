@@ -21,8 +21,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
 
+    // Messages that carry an auth code or a token get a redacting `Debug` written by
+    // hand in `src/lib.rs`.
     tonic_prost_build::configure()
         .codec_path("crate::grpc::codec::RequestCodec")
+        .skip_debug([
+            ".tokend.v1.ExchangeAuthCodeRequest",
+            ".tokend.v1.AccessToken",
+            ".tokend.v1.ImportTokenSetRequest",
+        ])
         .compile_fds(descriptors)?;
     Ok(())
 }

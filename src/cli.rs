@@ -207,6 +207,14 @@ Settings come from the --config file and from these environment variables, which
                               (default false)
   TOKEND_EXCHANGE_RETRY_WINDOW  seconds a retried auth code gets the stored token set
                               (default 600)
+  TOKEND_TIKI_MAX_CONCURRENT_REQUESTS
+                              requests to Tiki in flight at once (default 32)
+  TOKEND_TIKI_REQUESTS_PER_SECOND
+                              requests to Tiki started per second, 0 for no limit
+                              (default 50)
+  TOKEND_TIKI_CREDENTIALS_RETRY
+                              seconds requests pause after Tiki rejected the client
+                              credentials (default 60)
   TOKEND_LOG                  log filter (default info)
   TOKEND_LOG_FORMAT           log format, text or json (default text; same as --log-format)
 The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.

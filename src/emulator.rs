@@ -22,10 +22,11 @@ mod routes;
 mod state;
 mod token_endpoint;
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -86,7 +87,8 @@ impl fmt::Debug for EmulatorConfig {
 /// Counters of what the emulator saw since it started.
 ///
 /// A GraphQL request that a fault responds to without processing counts only in
-/// `faults_injected`, and a request rejected as malformed (HTTP 400) counts nowhere.
+/// `faults_injected` and the request counters at the end, and a request rejected as
+/// malformed (HTTP 400) counts only in those.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EmulatorStats {
     /// Well-formed `get_auth_access_token` requests.
@@ -109,6 +111,12 @@ pub struct EmulatorStats {
     pub faults_injected: u64,
     /// Successful refreshes whose replaced access token had already expired.
     pub refreshes_after_expiry: u64,
+    /// Every request to the GraphQL endpoint, whatever became of it.
+    pub graphql_requests: u64,
+    /// Maximum number of GraphQL requests being handled at once.
+    pub peak_concurrent_requests: u64,
+    /// Maximum number of GraphQL requests that arrived within any one second.
+    pub peak_requests_per_second: u64,
 }
 
 /// A misbehaviour of the token endpoint, injected with [`Emulator::inject`].
@@ -128,6 +136,12 @@ pub enum Fault {
     /// Responds with HTTP 200 and a GraphQL error of this code and message, without
     /// processing.
     GraphqlError { code: String, message: String },
+    /// Sleeps, then responds with this HTTP status without processing, as a gateway
+    /// that times out waiting for Tiki does.
+    StatusAfter { status: u16, delay: Duration },
+    /// Processes the request and adds a GraphQL error with this message to the
+    /// response, next to any tokens it issued.
+    TokensWithErrors { message: String },
 }
 
 /// A running emulator of Tiki's generation-1 token API. Dropping it stops the server in
@@ -151,9 +165,58 @@ struct Inner {
     grants: Grants,
     stats: EmulatorStats,
     faults: FaultQueue,
+    /// Faults applied to every request whose code or refresh token belongs to the
+    /// customer, when no queued fault applies.
+    customer_faults: HashMap<String, Fault>,
     expires_in: u64,
     expires_in_as_string: bool,
     omit_refresh_token: bool,
+    /// GraphQL requests being handled now.
+    in_flight: u64,
+    /// Arrival times of the GraphQL requests of the last second.
+    recent_arrivals: VecDeque<Instant>,
+    /// Arrival times of every GraphQL request.
+    arrivals: Vec<SystemTime>,
+    /// Every signature a well-formed request carried.
+    signatures: Vec<String>,
+}
+
+impl Inner {
+    fn new(expires_in: u64) -> Self {
+        Inner {
+            grants: Grants::default(),
+            stats: EmulatorStats::default(),
+            faults: FaultQueue::default(),
+            customer_faults: HashMap::new(),
+            expires_in,
+            expires_in_as_string: false,
+            omit_refresh_token: false,
+            in_flight: 0,
+            recent_arrivals: VecDeque::new(),
+            arrivals: Vec::new(),
+            signatures: Vec::new(),
+        }
+    }
+
+    /// Counts a GraphQL request that starts now and updates the peaks.
+    fn request_started(&mut self) {
+        let now = Instant::now();
+        self.stats.graphql_requests += 1;
+        self.in_flight += 1;
+        self.stats.peak_concurrent_requests =
+            self.stats.peak_concurrent_requests.max(self.in_flight);
+        while self
+            .recent_arrivals
+            .front()
+            .is_some_and(|arrived| now.duration_since(*arrived) >= Duration::from_secs(1))
+        {
+            self.recent_arrivals.pop_front();
+        }
+        self.recent_arrivals.push_back(now);
+        let last_second = self.recent_arrivals.len() as u64;
+        self.stats.peak_requests_per_second = self.stats.peak_requests_per_second.max(last_second);
+        self.arrivals.push(SystemTime::now());
+    }
 }
 
 impl Shared {
@@ -203,14 +266,7 @@ impl Emulator {
         let expires_in = config.expires_in;
         let shared = Arc::new(Shared {
             config,
-            inner: Mutex::new(Inner {
-                grants: Grants::default(),
-                stats: EmulatorStats::default(),
-                faults: FaultQueue::default(),
-                expires_in,
-                expires_in_as_string: false,
-                omit_refresh_token: false,
-            }),
+            inner: Mutex::new(Inner::new(expires_in)),
             shutdown: watch::Sender::new(false),
         });
         let server = tokio::spawn(serve(listener, Arc::clone(&shared)));
@@ -289,21 +345,51 @@ impl Emulator {
     ///
     /// # Panics
     ///
-    /// Panics if a [`Fault::Status`] code is outside 100..=999, which HTTP cannot send.
+    /// Panics if a [`Fault::Status`] or [`Fault::StatusAfter`] code is outside
+    /// 100..=999, which HTTP cannot send.
     pub fn inject(&self, fault: Fault, times: Option<u32>) {
-        if let Fault::Status(status) = fault {
-            assert!(
-                (100..=999).contains(&status),
-                "Fault::Status({status}) is not an HTTP status code: use 100 to 999"
-            );
-        }
+        faults::check_status(&fault);
         debug!(?fault, ?times, "fault queued");
         self.shared.lock().faults.push(fault, times);
     }
 
-    /// Removes every queued fault.
+    /// Applies `fault` to every GraphQL request whose auth code or refresh token belongs
+    /// to `customer_id`, until [`Emulator::clear_faults`], whenever no queued fault
+    /// applies. A later call for the same customer replaces the fault.
+    ///
+    /// # Panics
+    ///
+    /// Panics on an HTTP status outside 100..=999, as [`Emulator::inject`] does.
+    pub fn inject_for_customer(&self, customer_id: &str, fault: Fault) {
+        faults::check_status(&fault);
+        debug!(customer_id, ?fault, "customer fault set");
+        self.shared
+            .lock()
+            .customer_faults
+            .insert(customer_id.to_owned(), fault);
+    }
+
+    /// Removes every queued fault and every customer fault.
     pub fn clear_faults(&self) {
-        self.shared.lock().faults.clear();
+        let mut inner = self.shared.lock();
+        inner.faults.clear();
+        inner.customer_faults.clear();
+    }
+
+    /// Returns the arrival times of every GraphQL request so far.
+    pub fn request_arrivals(&self) -> Vec<SystemTime> {
+        self.shared.lock().arrivals.clone()
+    }
+
+    /// Returns every auth code, access token and refresh token the emulator issued,
+    /// for tests that check that none of them leaks.
+    pub fn issued_secrets(&self) -> Vec<String> {
+        self.shared.lock().grants.all_secrets()
+    }
+
+    /// Returns every signature that well-formed requests carried.
+    pub fn received_signatures(&self) -> Vec<String> {
+        self.shared.lock().signatures.clone()
     }
 
     /// Stops the server and waits until it stopped. Requests in an injected delay get

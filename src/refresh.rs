@@ -8,6 +8,12 @@
 //! token makes Tiki revoke the whole token family. Such a token is therefore presented
 //! at most once more: if that attempt reaches Tiki and fails too, the token set
 //! becomes `reauth_required`.
+//!
+//! Errors Tiki returns that tokend does not recognise are retried with backoff a
+//! bounded number of times. After that the scheduler stops refreshing the token set
+//! (`refresh_failing` without a next attempt), and only a GetAccessToken call that
+//! needs a fresher token, or a new exchange, tries again. Outages (no connection,
+//! 5xx, 429) are retried with capped backoff for as long as they last.
 
 use std::time::Duration;
 
@@ -37,6 +43,9 @@ pub struct RefreshPolicy {
     pub backoff_max: Duration,
     /// Wait before retrying after Tiki rejected tokend's own credentials.
     pub credentials_retry: Duration,
+    /// Consecutive failed attempts after which a token set whose last attempt got
+    /// errors tokend does not recognise is no longer scheduled.
+    pub max_unrecognized_failures: u32,
 }
 
 impl Default for RefreshPolicy {
@@ -46,6 +55,7 @@ impl Default for RefreshPolicy {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             credentials_retry: Duration::from_secs(60),
+            max_unrecognized_failures: 5,
         }
     }
 }
@@ -112,11 +122,26 @@ impl RefreshPolicy {
                 outcome_unknown: set.outcome_unknown,
             },
             _ if set.outcome_unknown && error.reached_tiki() => reauth(format!(
-                "an earlier refresh got no answer (it timed out, or its replica stopped \
-                 before committing), so Tiki may have rotated the refresh token, and the one \
-                 retry failed too: {error}"
+                "an earlier refresh got no answer it could read (it timed out, its response \
+                 was unreadable, or its replica stopped before committing), so Tiki may have \
+                 rotated the refresh token, and the one retry failed too: {error}"
             )),
             FailureClass::GrantRejected => reauth(error.to_string()),
+            _ if matches!(error, TikiError::Unrecognized(_))
+                && failure_count >= self.max_unrecognized_failures =>
+            {
+                FailureRecord {
+                    status: TokenStatus::RefreshFailing,
+                    failure_count,
+                    last_error: Some(format!(
+                        "scheduled refreshes stopped after {failure_count} failed attempts; \
+                         a GetAccessToken call that needs a fresher token tries once more, \
+                         and a new exchange replaces the token set: {error}"
+                    )),
+                    next_refresh_at: None,
+                    outcome_unknown: set.outcome_unknown,
+                }
+            }
             class => {
                 let wait = self
                     .backoff(failure_count, jitter)
@@ -330,6 +355,55 @@ mod tests {
             assert_eq!(record.status, TokenStatus::RefreshFailing, "{error}");
             assert!(record.outcome_unknown);
         }
+    }
+
+    #[test]
+    fn unrecognized_errors_stop_scheduling() {
+        let policy = RefreshPolicy::default();
+        let error = TikiError::Unrecognized("maintenance_mode".to_owned());
+        let below = token_set(TokenStatus::RefreshFailing, 3, false);
+        let record = policy.after_failure(&below, &error, at(100), 0.0);
+        assert_eq!(record.status, TokenStatus::RefreshFailing);
+        assert_eq!(record.failure_count, 4);
+        assert!(record.next_refresh_at.is_some());
+
+        let at_limit = token_set(TokenStatus::RefreshFailing, 4, false);
+        let record = policy.after_failure(&at_limit, &error, at(100), 0.0);
+        assert_eq!(record.status, TokenStatus::RefreshFailing);
+        assert_eq!(record.failure_count, 5);
+        assert_eq!(record.next_refresh_at, None);
+        let last_error = record.last_error.unwrap();
+        assert!(last_error.contains("stopped after 5"), "{last_error}");
+        assert!(last_error.contains("maintenance_mode"), "{last_error}");
+    }
+
+    #[test]
+    fn outages_never_stop_scheduling() {
+        let policy = RefreshPolicy::default();
+        let set = token_set(TokenStatus::RefreshFailing, 1000, false);
+        for error in [
+            transient(),
+            TikiError::Unreachable("connection refused".to_owned()),
+            TikiError::RateLimited { retry_after: None },
+            TikiError::NotSent("paused".to_owned()),
+        ] {
+            let record = policy.after_failure(&set, &error, at(100), 0.0);
+            assert_eq!(record.status, TokenStatus::RefreshFailing, "{error}");
+            assert!(record.next_refresh_at.is_some(), "{error}");
+        }
+    }
+
+    #[test]
+    fn unreadable_answer_allows_one_retry() {
+        let policy = RefreshPolicy::default();
+        let set = token_set(TokenStatus::Active, 0, false);
+        let garbage = TikiError::OutcomeUnknown("HTTP 200 with a body that is not JSON".into());
+        let first = policy.after_failure(&set, &garbage, at(100), 0.0);
+        assert!(first.outcome_unknown);
+        let retried = token_set(first.status, first.failure_count, first.outcome_unknown);
+        let second = policy.after_failure(&retried, &garbage, at(101), 0.0);
+        assert_eq!(second.status, TokenStatus::ReauthRequired);
+        assert_eq!(second.next_refresh_at, None);
     }
 
     #[test]

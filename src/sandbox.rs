@@ -74,6 +74,9 @@ pub async fn run(
         access: AccessSettings::default(),
         encryption: StorageEncryption::KeyFileBesideDatabase,
         exchange_retry_window: Duration::from_secs(600),
+        tiki_max_concurrent_requests: 32,
+        tiki_requests_per_second: 50,
+        tiki_credentials_retry: Duration::from_secs(60),
     };
     let emulator = Emulator::start_on(emulator_addr, config)
         .await

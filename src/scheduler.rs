@@ -174,6 +174,10 @@ impl Scheduler {
             std::thread::sleep(Duration::from_millis(stall));
         }
 
+        if let Some(until) = self.manager.tiki_paused_until() {
+            debug!(until = %crate::store::format_time(until), "Tiki asked for a pause; skipping this pass");
+            return false;
+        }
         let free = self.permits.available_permits();
         if free == 0 {
             debug!("every refresh slot is busy; skipping this pass");

@@ -50,6 +50,7 @@ pub struct Daemon {
     admin_state: AdminState,
     shutdown: CancellationToken,
     scheduler_stats: Arc<SchedulerStats>,
+    manager: Arc<TokenManager>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -92,6 +93,7 @@ impl Daemon {
         .context("building the HTTP client for Tiki failed")?;
         let policy = RefreshPolicy {
             refresh_before: settings.refresh_before,
+            credentials_retry: settings.tiki_credentials_retry,
             ..RefreshPolicy::default()
         };
         let manager = Arc::new(TokenManager::new(
@@ -104,6 +106,8 @@ impl Daemon {
                 lease: settings.refresh_lease,
                 claim_wait: settings.http_timeout,
                 exchange_retry_window: settings.exchange_retry_window,
+                max_concurrent_requests: settings.tiki_max_concurrent_requests,
+                requests_per_second: settings.tiki_requests_per_second,
             },
         ));
 
@@ -160,6 +164,7 @@ impl Daemon {
         tokio::spawn(report_health(health, store.clone(), shutdown.clone()));
         let stop_scheduler = shutdown.clone();
         let grace = settings.shutdown_grace;
+        let daemon_manager = manager.clone();
         let task = tokio::spawn(async move {
             let served = serve_within_grace(server, &stop_scheduler, grace).await;
             if let Err(error) = &served {
@@ -197,6 +202,7 @@ impl Daemon {
             admin_state,
             shutdown,
             scheduler_stats,
+            manager: daemon_manager,
             task,
         })
     }
@@ -226,6 +232,12 @@ impl Daemon {
     /// Counters of the refresh scheduler.
     pub fn scheduler_stats(&self) -> &Arc<SchedulerStats> {
         &self.scheduler_stats
+    }
+
+    /// Returns the token manager, for state that spans token sets such as
+    /// [`TokenManager::credentials_alarm`].
+    pub fn manager(&self) -> &Arc<TokenManager> {
+        &self.manager
     }
 
     /// Shuts down in order and waits until the daemon has stopped.

@@ -65,6 +65,13 @@ pub struct Settings {
     /// How long after a first ExchangeAuthCode call a retry with the same auth code gets
     /// the stored token set instead of a second request to Tiki.
     pub exchange_retry_window: Duration,
+    /// Maximum number of requests to Tiki in flight at once, exchanges and refreshes
+    /// together.
+    pub tiki_max_concurrent_requests: usize,
+    /// Maximum number of requests to Tiki started per second; 0 for no limit.
+    pub tiki_requests_per_second: u32,
+    /// How long requests pause after Tiki rejected tokend's client credentials.
+    pub tiki_credentials_retry: Duration,
 }
 
 /// The settings that the `reencrypt` command needs: which database, and its keys.
@@ -142,6 +149,9 @@ struct RawSettings {
     encryption_key_file: Option<String>,
     allow_plaintext_storage: Option<bool>,
     exchange_retry_window: Option<u64>,
+    tiki_max_concurrent_requests: Option<u64>,
+    tiki_requests_per_second: Option<u64>,
+    tiki_credentials_retry: Option<u64>,
 }
 
 impl Settings {
@@ -316,6 +326,21 @@ impl RawSettings {
                 "TOKEND_EXCHANGE_RETRY_WINDOW",
                 &mut self.exchange_retry_window,
             ),
+            (
+                "tiki_max_concurrent_requests",
+                "TOKEND_TIKI_MAX_CONCURRENT_REQUESTS",
+                &mut self.tiki_max_concurrent_requests,
+            ),
+            (
+                "tiki_requests_per_second",
+                "TOKEND_TIKI_REQUESTS_PER_SECOND",
+                &mut self.tiki_requests_per_second,
+            ),
+            (
+                "tiki_credentials_retry",
+                "TOKEND_TIKI_CREDENTIALS_RETRY",
+                &mut self.tiki_credentials_retry,
+            ),
         ];
         for (key, name, field) in numbers {
             if let Some(value) = number(key, name)? {
@@ -433,6 +458,27 @@ impl RawSettings {
                 600,
                 1,
                 86_400,
+            )?,
+            tiki_max_concurrent_requests: bounded(
+                "tiki_max_concurrent_requests",
+                self.tiki_max_concurrent_requests,
+                32,
+                1,
+                1024,
+            )? as usize,
+            tiki_requests_per_second: bounded(
+                "tiki_requests_per_second",
+                self.tiki_requests_per_second,
+                50,
+                0,
+                100_000,
+            )? as u32,
+            tiki_credentials_retry: seconds(
+                "tiki_credentials_retry",
+                self.tiki_credentials_retry,
+                60,
+                1,
+                3600,
             )?,
         })
     }
@@ -700,6 +746,9 @@ pub const VARIABLES: &[&str] = &[
     "TOKEND_ENCRYPTION_KEY_FILE",
     "TOKEND_ALLOW_PLAINTEXT_STORAGE",
     "TOKEND_EXCHANGE_RETRY_WINDOW",
+    "TOKEND_TIKI_MAX_CONCURRENT_REQUESTS",
+    "TOKEND_TIKI_REQUESTS_PER_SECOND",
+    "TOKEND_TIKI_CREDENTIALS_RETRY",
     "TOKEND_LOG",
     "TOKEND_LOG_FORMAT",
 ];

@@ -2,6 +2,7 @@
 //! refresh a token set. The refresher and the gRPC service use [`TokenApi`]; each
 //! protocol generation implements it in its own file.
 
+pub mod gate;
 pub mod graphql;
 pub mod signature;
 
@@ -31,10 +32,11 @@ pub enum FailureClass {
     /// Tiki rejected tokend's own client id, signature or timestamp: an operator must
     /// fix the settings, and no user is to blame.
     CredentialsRejected,
-    /// The call may succeed later: connection error, 5xx, 429, an unreadable body, or an
-    /// error of unknown meaning.
+    /// The call may succeed later: connection error, 5xx, 429, an error of unknown
+    /// meaning, or a request tokend did not send because of its own request caps.
     Transient,
-    /// The request was sent but no response arrived, so Tiki may have rotated the refresh
+    /// The request was sent but no readable response arrived (a timeout, a lost
+    /// connection, an unreadable HTTP 2xx body), so Tiki may have rotated the refresh
     /// token.
     OutcomeUnknown,
 }
@@ -59,8 +61,15 @@ pub enum TikiError {
         /// The wait Tiki requested in a `Retry-After` header.
         retry_after: Option<Duration>,
     },
-    #[error("no answer from Tiki after the request was sent: {0}")]
+    /// Tiki returned GraphQL errors whose code and message match no known class.
+    #[error("Tiki returned errors tokend does not recognise: {0}")]
+    Unrecognized(String),
+    #[error("no readable answer from Tiki after the request was sent: {0}")]
     OutcomeUnknown(String),
+    /// tokend did not send the request, because of a `Retry-After` pause or because its
+    /// request caps left no room in time.
+    #[error("the request was not sent to Tiki: {0}")]
+    NotSent(String),
 }
 
 impl TikiError {
@@ -70,17 +79,19 @@ impl TikiError {
             TikiError::CredentialsRejected(_) => FailureClass::CredentialsRejected,
             TikiError::Unreachable(_)
             | TikiError::RateLimited { .. }
-            | TikiError::Transient { .. } => FailureClass::Transient,
+            | TikiError::Transient { .. }
+            | TikiError::Unrecognized(_)
+            | TikiError::NotSent(_) => FailureClass::Transient,
             TikiError::OutcomeUnknown(_) => FailureClass::OutcomeUnknown,
         }
     }
 
     /// Whether Tiki may have processed the request. It cannot have when no connection
-    /// was made or when it returned 429.
+    /// was made, when tokend did not send it, or when Tiki returned 429.
     pub fn reached_tiki(&self) -> bool {
         !matches!(
             self,
-            TikiError::Unreachable(_) | TikiError::RateLimited { .. }
+            TikiError::Unreachable(_) | TikiError::RateLimited { .. } | TikiError::NotSent(_)
         )
     }
 

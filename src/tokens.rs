@@ -21,9 +21,10 @@ mod exchange;
 mod forced;
 mod import;
 mod locks;
+mod upstream;
 
 use std::{
-    sync::{Arc, atomic::AtomicI64},
+    sync::{Arc, Mutex, atomic::AtomicI64},
     time::Duration,
 };
 
@@ -34,6 +35,7 @@ pub use cache::ServedToken;
 use cache::TokenCache;
 pub use import::ImportedTokens;
 use locks::KeyedLocks;
+pub use upstream::CredentialsAlarm;
 
 use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -41,7 +43,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     refresh::{self, RefreshPolicy, chrono_duration},
     store::{StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus, TokenStore, format_time},
-    tiki::{FailureClass, TikiError, TokenApi},
+    tiki::{FailureClass, TikiError, TokenApi, gate::RequestGate},
 };
 
 /// Wait before the first repeated commit; it doubles with each further attempt, up to
@@ -118,6 +120,10 @@ pub struct ManagerSettings {
     /// How long after a first exchange a retry with the same auth code gets the stored
     /// token set.
     pub exchange_retry_window: Duration,
+    /// Maximum number of requests to Tiki in flight at once.
+    pub max_concurrent_requests: usize,
+    /// Maximum number of requests to Tiki started per second; 0 for no limit.
+    pub requests_per_second: u32,
 }
 
 /// Exchanges, serves and refreshes token sets.
@@ -140,6 +146,10 @@ pub struct TokenManager {
     credentials_blocked_until: AtomicI64,
     /// Announces every change, for streams that watch token sets.
     changes: broadcast::Sender<TokenSetChange>,
+    /// Raised while Tiki rejects tokend's credentials.
+    credentials_alarm: Mutex<Option<CredentialsAlarm>>,
+    /// The caps every request to Tiki passes.
+    gate: RequestGate,
 }
 
 impl std::fmt::Debug for dyn TokenStore {
@@ -161,6 +171,7 @@ impl TokenManager {
         policy: RefreshPolicy,
         settings: ManagerSettings,
     ) -> Self {
+        upstream::report_credentials_alarm(false);
         TokenManager {
             store,
             tiki,
@@ -172,6 +183,11 @@ impl TokenManager {
             claim_wait: chrono_duration(settings.claim_wait),
             exchange_retry_window: chrono_duration(settings.exchange_retry_window),
             credentials_blocked_until: AtomicI64::new(0),
+            credentials_alarm: Mutex::new(None),
+            gate: RequestGate::new(
+                settings.max_concurrent_requests,
+                settings.requests_per_second,
+            ),
             refreshes: TaskTracker::new(),
             changes: broadcast::Sender::new(CHANGE_BUFFER),
         }
@@ -313,6 +329,17 @@ impl TokenManager {
                     set.next_refresh_at
                         .map(|at| at.to_rfc3339())
                         .unwrap_or_default()
+                ))
+            });
+        }
+
+        // During a Retry-After pause no request can be sent, so claiming would only
+        // write to the store twice.
+        if let Some(until) = self.tiki_paused_until() {
+            return serve_if_valid(&set, now, || {
+                TokenError::Unavailable(format!(
+                    "Tiki asked for no requests until {} (HTTP 429 with Retry-After)",
+                    format_time(until)
                 ))
             });
         }

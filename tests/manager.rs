@@ -209,6 +209,8 @@ async fn setup_with(cache_capacity: u64, config: EmulatorConfig, policy: Refresh
             lease: Duration::from_secs(30),
             claim_wait: Duration::from_secs(5),
             exchange_retry_window: Duration::from_secs(600),
+            max_concurrent_requests: 32,
+            requests_per_second: 0,
         },
     ));
     Setup {

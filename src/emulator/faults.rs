@@ -41,10 +41,21 @@ impl FaultQueue {
     }
 }
 
-/// Builds the response of a fault that replaces processing, or `None` for a delay.
+/// Panics if `fault` carries a status code that HTTP cannot send.
+pub(super) fn check_status(fault: &Fault) {
+    if let Fault::Status(status) | Fault::StatusAfter { status, .. } = fault {
+        assert!(
+            (100..=999).contains(status),
+            "HTTP status {status} of {fault:?} is not an HTTP status code: use 100 to 999"
+        );
+    }
+}
+
+/// Builds the response of a fault that replaces processing, or `None` for a fault
+/// that lets the request be processed.
 pub(super) fn replacement_response(fault: &Fault) -> Option<Response> {
     let response = match fault {
-        Fault::Status(status) => {
+        Fault::Status(status) | Fault::StatusAfter { status, .. } => {
             // `Emulator::inject` only queues codes that HTTP can send.
             let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let reason = status.canonical_reason().unwrap_or("Injected status");
@@ -71,7 +82,9 @@ pub(super) fn replacement_response(fault: &Fault) -> Option<Response> {
         Fault::GraphqlError { code, message } => {
             axum::Json(error_document(code, message)).into_response()
         }
-        Fault::DelayBefore(_) | Fault::DelayAfter(_) => return None,
+        Fault::DelayBefore(_) | Fault::DelayAfter(_) | Fault::TokensWithErrors { .. } => {
+            return None;
+        }
     };
     Some(response)
 }

@@ -39,16 +39,13 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 
 /// Serves the token API, applying the next injected fault if there is one.
 async fn graphql(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let fault = {
-        let mut inner = shared.lock();
-        let fault = inner.faults.next_fault();
-        if fault.is_some() {
-            inner.stats.faults_injected += 1;
-        }
-        fault
-    };
+    let _in_flight = InFlight::start(&shared);
+    let fault = next_fault(&shared, &body);
     if let Some(fault) = &fault {
         debug!(?fault, "applying injected fault");
+        if let Fault::StatusAfter { delay, .. } = fault {
+            shared.pause(*delay).await;
+        }
         if let Some(response) = faults::replacement_response(fault) {
             return response;
         }
@@ -57,24 +54,82 @@ async fn graphql(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     if let Some(Fault::DelayBefore(delay)) = fault {
         shared.pause(delay).await;
     }
-    let response = respond_graphql(&shared, &headers, &body);
+    let response = match graphql_document(&shared, &headers, &body) {
+        Ok(mut document) => {
+            if let Some(Fault::TokensWithErrors { message }) = &fault {
+                let code = ErrorCode::PartialFailure.as_str();
+                document["errors"] = error_document(code, message)["errors"].take();
+            }
+            Json(document).into_response()
+        }
+        Err(rejection) => *rejection,
+    };
     if let Some(Fault::DelayAfter(delay)) = fault {
         shared.pause(delay).await;
     }
     response
 }
 
-fn respond_graphql(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
+/// Counts a GraphQL request as in flight from its creation until it is dropped.
+struct InFlight<'a> {
+    shared: &'a Shared,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        shared.lock().request_started();
+        InFlight { shared }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().in_flight -= 1;
+    }
+}
+
+/// Takes the next queued fault, or else the fault set for the customer that the
+/// request's code or refresh token belongs to.
+fn next_fault(shared: &Shared, body: &[u8]) -> Option<Fault> {
+    let mut inner = shared.lock();
+    let mut fault = inner.faults.next_fault();
+    if fault.is_none() && !inner.customer_faults.is_empty() {
+        let request = query::parse_body(body).ok();
+        let customer = request
+            .as_ref()
+            .and_then(|request| inner.grants.customer_of(&request.token));
+        fault = customer.and_then(|customer| inner.customer_faults.get(customer).cloned());
+    }
+    if fault.is_some() {
+        inner.stats.faults_injected += 1;
+    }
+    fault
+}
+
+/// Processes a request and returns its GraphQL response document, or the rejection of
+/// a malformed request.
+fn graphql_document(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<serde_json::Value, Box<Response>> {
     if !is_json(headers) {
-        return bad_request("Content-Type must be application/json");
+        return Err(Box::new(bad_request(
+            "Content-Type must be application/json",
+        )));
     }
     let request = match query::parse_body(body) {
         Ok(request) => request,
-        Err(error) => return bad_request(&error.to_string()),
+        Err(error) => return Err(Box::new(bad_request(&error.to_string()))),
     };
     let mut inner = shared.lock();
-    let document = token_endpoint::process(&mut inner, &shared.config, &request, SystemTime::now());
-    Json(document).into_response()
+    inner.signatures.push(request.signature.clone());
+    Ok(token_endpoint::process(
+        &mut inner,
+        &shared.config,
+        &request,
+        SystemTime::now(),
+    ))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

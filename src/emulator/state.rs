@@ -254,6 +254,26 @@ impl Grants {
             .collect()
     }
 
+    /// Returns the customer whose auth code or refresh token `token` is, if any.
+    pub fn customer_of(&self, token: &str) -> Option<&str> {
+        if let Some(record) = self.refresh_tokens.get(token) {
+            return Some(&self.families[record.family].customer_id);
+        }
+        self.codes.get(token).map(|code| code.customer_id.as_str())
+    }
+
+    /// Returns every auth code, access token and refresh token ever issued.
+    pub fn all_secrets(&self) -> Vec<String> {
+        let codes = self.codes.keys();
+        let refresh_tokens = self.refresh_tokens.keys();
+        let access_tokens = self.access_tokens.keys();
+        codes
+            .chain(refresh_tokens)
+            .chain(access_tokens)
+            .cloned()
+            .collect()
+    }
+
     /// Revokes every family of `customer_id` and returns how many were live.
     pub fn revoke_customer(&mut self, customer_id: &str) -> usize {
         let mut revoked = 0;

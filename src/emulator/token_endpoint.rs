@@ -24,6 +24,8 @@ pub(super) enum ErrorCode {
     InvalidSignature,
     InvalidCode,
     InvalidToken,
+    /// Sent beside issued tokens by [`super::Fault::TokensWithErrors`].
+    PartialFailure,
 }
 
 impl ErrorCode {
@@ -35,6 +37,7 @@ impl ErrorCode {
             ErrorCode::InvalidSignature => "invalid_signature",
             ErrorCode::InvalidCode => "invalid_code",
             ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::PartialFailure => "partial_failure",
         }
     }
 }
@@ -250,8 +253,6 @@ fn success_document(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulator::faults::FaultQueue;
-    use crate::emulator::state::Grants;
 
     const SECOND: Duration = Duration::from_secs(1);
 
@@ -260,14 +261,7 @@ mod tests {
     }
 
     fn inner() -> Inner {
-        Inner {
-            grants: Grants::default(),
-            stats: Default::default(),
-            faults: FaultQueue::default(),
-            expires_in: 3600,
-            expires_in_as_string: false,
-            omit_refresh_token: false,
-        }
+        Inner::new(3600)
     }
 
     /// Builds a signed exchange request for `code` at `now()`.

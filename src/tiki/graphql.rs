@@ -14,6 +14,7 @@ use reqwest::{StatusCode, header::RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
+use tracing::warn;
 
 use super::{Grant, TikiError, TokenApi, signature};
 
@@ -269,10 +270,10 @@ fn interpret_response(
     let parsed: GraphqlResponse = match serde_json::from_slice(body) {
         Ok(parsed) => parsed,
         Err(error) => {
-            return Err(TikiError::transient(format!(
-                "Tiki returned HTTP {} with a body that is not a GraphQL response: {error}",
-                status.as_u16()
-            )));
+            return Err(unreadable(
+                status,
+                format!("a body that is not a GraphQL response: {error}"),
+            ));
         }
     };
 
@@ -287,27 +288,66 @@ fn interpret_response(
     // returned new tokens has already rotated the old refresh token out.
     if let Some(result) = result {
         match parse_grant(result) {
-            Ok(grant) => return Ok(grant),
+            Ok(grant) => {
+                if !errors.is_empty() {
+                    log_errors_beside_tokens(operation, &errors, &grant, secrets);
+                }
+                return Ok(grant);
+            }
             Err(problem) if errors.is_empty() => {
-                return Err(TikiError::transient(format!(
-                    "Tiki's {} result is invalid: {problem}",
-                    operation.field()
-                )));
+                return Err(unreadable(
+                    status,
+                    format!("a {} result that is invalid: {problem}", operation.field()),
+                ));
             }
             Err(_) => {}
         }
     }
     if errors.is_empty() {
-        return Err(TikiError::transient(format!(
-            "Tiki returned HTTP {} without a {} result or errors",
-            status.as_u16(),
-            operation.field()
-        )));
+        return Err(unreadable(
+            status,
+            format!("neither a {} result nor errors", operation.field()),
+        ));
     }
     Err(classify_graphql_errors(&errors, secrets))
 }
 
-fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiError {
+/// Classifies a response tokend cannot read. A 2xx status means Tiki, or a gateway in
+/// front of it, accepted the request, so it may have taken effect (a refresh may have
+/// rotated the token). Any other status means it was turned away.
+fn unreadable(status: StatusCode, detail: String) -> TikiError {
+    let message = format!("Tiki returned HTTP {} with {detail}", status.as_u16());
+    if status.is_success() {
+        TikiError::OutcomeUnknown(message)
+    } else {
+        TikiError::transient(message)
+    }
+}
+
+/// Logs the errors of a response that also carried a complete token set, with the
+/// request's secrets and the new tokens masked.
+fn log_errors_beside_tokens(
+    operation: Operation,
+    errors: &[GraphqlError],
+    grant: &Grant,
+    secrets: &[&str],
+) {
+    let mut masked: Vec<&str> = secrets.to_vec();
+    masked.push(grant.access_token.expose_secret());
+    if let Some(refresh_token) = &grant.refresh_token {
+        masked.push(refresh_token.expose_secret());
+    }
+    let (codes, messages) = codes_and_messages(errors);
+    let summary = summarize(&codes, &messages, &masked);
+    warn!(
+        operation = operation.field(),
+        errors = %summary,
+        "Tiki returned tokens together with errors; the tokens are kept"
+    );
+}
+
+/// Collects the error codes (from `extensions`) and the messages of GraphQL errors.
+fn codes_and_messages(errors: &[GraphqlError]) -> (Vec<String>, Vec<String>) {
     let mut codes = Vec::new();
     let mut messages = Vec::new();
     for error in errors {
@@ -322,7 +362,11 @@ fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiErr
             messages.push(message.clone());
         }
     }
+    (codes, messages)
+}
 
+fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiError {
+    let (codes, messages) = codes_and_messages(errors);
     let mentions = |known: &[&str]| {
         known.iter().any(|code| {
             codes.iter().any(|found| found.eq_ignore_ascii_case(code))
@@ -337,11 +381,13 @@ fn classify_graphql_errors(errors: &[GraphqlError], secrets: &[&str]) -> TikiErr
     } else if mentions(GRANT_REJECTED_CODES) {
         TikiError::GrantRejected(summary)
     } else {
-        TikiError::transient(format!("Tiki returned unrecognised errors: {summary}"))
+        TikiError::Unrecognized(summary)
     }
 }
 
-/// Joins error codes and messages into one short line with secrets masked.
+/// Joins error codes and messages into one short line with secrets masked: the
+/// request's own secrets, and any other run of characters shaped like a token or a
+/// signature, such as an older refresh token that Tiki echoes back.
 fn summarize(codes: &[String], messages: &[String], secrets: &[&str]) -> String {
     let mut parts: Vec<String> = codes.to_vec();
     parts.extend(messages.iter().cloned());
@@ -349,6 +395,7 @@ fn summarize(codes: &[String], messages: &[String], secrets: &[&str]) -> String 
     for secret in secrets.iter().filter(|secret| !secret.is_empty()) {
         text = text.replace(secret, "[redacted]");
     }
+    let text = mask_token_shapes(&text);
     let text: String = text
         .chars()
         .map(|ch| if ch.is_control() { ' ' } else { ch })
@@ -359,6 +406,37 @@ fn summarize(codes: &[String], messages: &[String], secrets: &[&str]) -> String 
     } else {
         text
     }
+}
+
+/// Minimum length of a run of token characters that is masked as a possible token.
+/// Tiki's tokens have 87 characters and signatures 64, while error codes and words
+/// are far shorter.
+const MIN_TOKEN_SHAPE_CHARS: usize = 24;
+
+/// Replaces every run of at least [`MIN_TOKEN_SHAPE_CHARS`] characters that can make
+/// up a token (ASCII letters, digits and `-_.~+/=`) with `[redacted]`.
+fn mask_token_shapes(text: &str) -> String {
+    let is_token_char = |ch: char| ch.is_ascii_alphanumeric() || "-_.~+/=".contains(ch);
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= MIN_TOKEN_SHAPE_CHARS {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for ch in text.chars() {
+        if is_token_char(ch) {
+            run.push(ch);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 fn parse_grant(result: &Value) -> Result<Grant, String> {
@@ -471,14 +549,14 @@ mod tests {
     }
 
     #[test]
-    fn invalid_expiry_is_transient() {
+    fn invalid_expiry_is_outcome_unknown() {
         for expires_in in ["0", "-5", "\"soon\"", "null", "1.5"] {
             let body = format!(
                 r#"{{"data":{{"refresh_auth_access_token":{{"access_token":"a","expires_in":{expires_in}}}}}}}"#
             );
             let error = interpret(&body).unwrap_err();
             assert!(
-                matches!(error, TikiError::Transient { .. }),
+                matches!(error, TikiError::OutcomeUnknown(_)),
                 "{expires_in}: {error}"
             );
         }
@@ -517,22 +595,24 @@ mod tests {
             ),
             (
                 r#"{"message":"internal server error"}"#,
-                FailureKind::Transient,
+                FailureKind::Unrecognized,
             ),
             (
                 r#"{"message":"token expired, try later"}"#,
-                FailureKind::Transient,
+                FailureKind::Unrecognized,
             ),
-            (r#"{}"#, FailureKind::Transient),
+            (r#"{}"#, FailureKind::Unrecognized),
         ];
         for (error, expected) in cases {
             let body = format!(r#"{{"data":null,"errors":[{error}]}}"#);
             let found = match interpret(&body).unwrap_err() {
                 TikiError::GrantRejected(_) => FailureKind::Grant,
                 TikiError::CredentialsRejected(_) => FailureKind::Credentials,
+                TikiError::Unrecognized(_) => FailureKind::Unrecognized,
                 TikiError::Unreachable(_)
                 | TikiError::RateLimited { .. }
-                | TikiError::Transient { .. } => FailureKind::Transient,
+                | TikiError::Transient { .. }
+                | TikiError::NotSent(_) => FailureKind::Transient,
                 TikiError::OutcomeUnknown(_) => FailureKind::Unknown,
             };
             assert_eq!(found, expected, "{error}");
@@ -543,6 +623,7 @@ mod tests {
     enum FailureKind {
         Grant,
         Credentials,
+        Unrecognized,
         Transient,
         Unknown,
     }
@@ -560,6 +641,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(!error.to_string().to_lowercase().contains("secret-token"));
+    }
+
+    #[test]
+    fn token_shapes_are_masked() {
+        let token = "Y24CwtKFz7aPXv8wmghwZpnqHhpHaeA0THJ0qIY3BXj.wm744zZ0JY6SkhRiNFVJT";
+        let signature = "a68fefe3075e24204949eafa78567261498f4f805a3ed9278396b593bed75576";
+        let masked = mask_token_shapes(&format!("bad token {token}, signature={signature}."));
+        // `=` and `.` can be part of a token, so they are masked with it.
+        assert_eq!(masked, "bad token [redacted], [redacted]");
+        let plain = "invalid_token: refresh token was already rotated out";
+        assert_eq!(mask_token_shapes(plain), plain);
     }
 
     #[test]
@@ -586,7 +678,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_or_garbage_bodies_are_transient() {
+    fn unreadable_success_is_outcome_unknown() {
         for body in [
             "",
             "<html>bad gateway</html>",
@@ -596,8 +688,26 @@ mod tests {
         ] {
             let error = interpret(body).unwrap_err();
             assert!(
-                matches!(error, TikiError::Transient { .. }),
+                matches!(error, TikiError::OutcomeUnknown(_)),
                 "{body:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn unreadable_rejection_is_transient() {
+        for status in [400, 404, 409] {
+            let error = interpret_response(
+                Operation::Refresh,
+                StatusCode::from_u16(status).unwrap(),
+                None,
+                b"<html>not here</html>",
+                &[],
+            )
+            .unwrap_err();
+            assert!(
+                matches!(error, TikiError::Transient { .. }),
+                "{status}: {error}"
             );
         }
     }
@@ -628,5 +738,94 @@ mod tests {
             status_class(403),
             TikiError::CredentialsRejected(_)
         ));
+    }
+
+    /// Any JSON value: scalars, and arrays and objects nested a few levels deep.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let scalar = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        scalar.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("access_token".to_owned()),
+                        Just("refresh_token".to_owned()),
+                        Just("expires_in".to_owned()),
+                        Just("scopes".to_owned()),
+                        Just("message".to_owned()),
+                        Just("extensions".to_owned()),
+                        Just("code".to_owned()),
+                        ".{0,8}",
+                    ],
+                    inner,
+                    0..6,
+                )
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_never_panic(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            status in 100u16..600,
+        ) {
+            let status = StatusCode::from_u16(status).unwrap();
+            let _ = interpret_response(Operation::Refresh, status, None, &body, &["s"]);
+            let _ = interpret_response(Operation::Exchange, status, None, &body, &[]);
+        }
+
+        #[test]
+        fn any_json_shape_never_panics(result in any_json(), errors in any_json(), top in any_json()) {
+            let documents = [
+                serde_json::json!({ "data": { "refresh_auth_access_token": result }, "errors": errors }),
+                serde_json::json!({ "data": top, "errors": [ { "message": "x", "extensions": errors } ] }),
+                top,
+            ];
+            for document in documents {
+                let body = serde_json::to_vec(&document).unwrap();
+                let _ = interpret_response(Operation::Refresh, StatusCode::OK, None, &body, &["s"]);
+            }
+        }
+
+        #[test]
+        fn well_formed_answer_round_trips(
+            access_token in ".{1,64}",
+            refresh_token in proptest::option::of(".{1,64}"),
+            expires_in in 1u64..=MAX_EXPIRES_IN_SECONDS,
+            scopes in proptest::collection::vec(".{0,16}", 0..5),
+            as_string in proptest::prelude::any::<bool>(),
+        ) {
+            let expires: Value = if as_string {
+                Value::from(expires_in.to_string())
+            } else {
+                Value::from(expires_in)
+            };
+            let document = serde_json::json!({ "data": { "refresh_auth_access_token": {
+                "access_token": access_token,
+                "refresh_token": refresh_token,
+                "expires_in": expires,
+                "scopes": scopes,
+            } } });
+            let body = serde_json::to_vec(&document).unwrap();
+            let grant = interpret_response(Operation::Refresh, StatusCode::OK, None, &body, &[])
+                .unwrap();
+            proptest::prop_assert_eq!(grant.access_token.expose_secret(), access_token.as_str());
+            proptest::prop_assert_eq!(
+                grant.refresh_token.as_ref().map(|token| token.expose_secret().to_owned()),
+                refresh_token
+            );
+            proptest::prop_assert_eq!(grant.expires_in, expires_in);
+            proptest::prop_assert_eq!(grant.scopes, scopes);
+        }
     }
 }

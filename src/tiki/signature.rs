@@ -95,6 +95,7 @@ fn new_mac(client_secret: &[u8]) -> HmacSha256 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::any;
     use serde_json::json;
 
     // Tiki's published known-answer values for the generation-1 scheme.
@@ -134,5 +135,70 @@ mod tests {
             canonical_json(&value),
             r#"{"a":{"c":null,"d":[2,{"y":"\"q\"","z":1}]},"b":1}"#
         );
+    }
+
+    /// A signed input: the token field, the token, the client id and the timestamp.
+    type Input = (&'static str, String, String, i64);
+
+    fn any_input() -> impl proptest::strategy::Strategy<Value = Input> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![Just("code"), Just("refresh_token")],
+            any::<String>(),
+            any::<String>(),
+            any::<i64>(),
+        )
+    }
+
+    fn signed(input: &Input) -> Value {
+        signed_input(input.0, &input.1, &input.2, input.3)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn signature_is_deterministic(input in any_input(), secret in ".{1,64}") {
+            let first = sign(secret.as_bytes(), &signed(&input));
+            let second = sign(secret.as_bytes(), &signed(&input));
+            proptest::prop_assert_eq!(&first, &second);
+            proptest::prop_assert_eq!(first.len(), 64);
+            proptest::prop_assert!(verify(secret.as_bytes(), &signed(&input), &first));
+        }
+
+        #[test]
+        fn canonical_input_decodes_to_its_fields(input in any_input()) {
+            let value = signed(&input);
+            let decoded = URL_SAFE_NO_PAD.decode(payload(&value)).unwrap();
+            let parsed: Value = serde_json::from_slice(&decoded).unwrap();
+            proptest::prop_assert_eq!(&parsed, &value);
+            proptest::prop_assert_eq!(parsed[input.0].as_str(), Some(input.1.as_str()));
+            proptest::prop_assert_eq!(parsed["client_id"].as_str(), Some(input.2.as_str()));
+            proptest::prop_assert_eq!(parsed["timestamp"].as_i64(), Some(input.3));
+        }
+
+        #[test]
+        fn distinct_inputs_have_distinct_payloads(first in any_input(), second in any_input()) {
+            proptest::prop_assume!(first != second);
+            proptest::prop_assert_ne!(payload(&signed(&first)), payload(&signed(&second)));
+        }
+
+        #[test]
+        fn shifted_text_changes_the_payload(
+            token in any::<String>(),
+            client_id in any::<String>(),
+            cut in 0usize..8,
+            timestamp in any::<i64>(),
+        ) {
+            // Moving characters between the token and the client id must change the
+            // signed text, or one signature would cover two requests.
+            let joined = format!("{token}{client_id}");
+            let chars: Vec<char> = joined.chars().collect();
+            let cut = cut.min(chars.len());
+            let moved_token: String = chars[..cut].iter().collect();
+            let moved_client: String = chars[cut..].iter().collect();
+            proptest::prop_assume!(moved_token != token);
+            let original = payload(&signed_input("code", &token, &client_id, timestamp));
+            let moved = payload(&signed_input("code", &moved_token, &moved_client, timestamp));
+            proptest::prop_assert_ne!(original, moved);
+        }
     }
 }

@@ -2,21 +2,25 @@
 //! write of its outcome. A refresh that got new tokens retries only the write, because
 //! Tiki has rotated the refresh token by then.
 
-use std::{sync::Arc, sync::atomic::Ordering};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     Attempt, COMMIT_RETRY_DELAY, MAX_COMMIT_RETRY_DELAY, TokenError, TokenManager, TokenSetChange,
-    optional_time,
+    optional_time, upstream::Call,
 };
 use crate::{
+    failpoint,
     refresh::chrono_duration,
     store::{Claim, NewTokens, TokenSet, TokenStatus, format_time},
     telemetry,
     tiki::{FailureClass, Grant, TikiError},
 };
+
+/// Time kept on a claim after the request to Tiki for the commit that follows it.
+const COMMIT_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl TokenManager {
     /// Runs [`TokenManager::attempt_refresh`] in its own task, so that a caller that gives
@@ -39,19 +43,6 @@ impl TokenManager {
             })
     }
 
-    /// Returns the error to record instead of calling Tiki while Tiki's last response
-    /// rejected tokend's credentials, so that callers cannot flood Tiki with requests
-    /// it will reject.
-    pub(super) fn credentials_blocked(&self, now: DateTime<Utc>) -> Option<TikiError> {
-        let until = self.credentials_blocked_until.load(Ordering::Relaxed);
-        (now.timestamp_millis() < until).then(|| {
-            TikiError::CredentialsRejected(
-                "an earlier request was rejected; no request is sent until the retry time"
-                    .to_owned(),
-            )
-        })
-    }
-
     /// Refreshes `set` once under the claim it carries and stores the outcome.
     pub(super) async fn attempt_refresh(&self, set: TokenSet) -> Result<Attempt, TokenError> {
         let Some(claim_token) = set.claim_token else {
@@ -67,21 +58,23 @@ impl TokenManager {
         };
         self.cache.remove(&set.key);
         let started = std::time::Instant::now();
+        let wait_limit = self.send_wait_limit(&set);
         let sent_at = Utc::now();
-        let response = self.tiki.refresh(&refresh_token).await;
-        telemetry::record_upstream(response.as_ref().err().map(TikiError::class));
-        let attempt = match response {
-            Ok(grant) => self.commit_refresh(&set, claim_token, grant, sent_at).await,
-            Err(error) => {
-                // Only a rejection Tiki returned starts the pause; failures recorded
-                // during the pause must not extend it.
-                if error.class() == FailureClass::CredentialsRejected {
-                    let until = Utc::now() + chrono_duration(self.policy.credentials_retry);
-                    self.credentials_blocked_until
-                        .fetch_max(until.timestamp_millis(), Ordering::Relaxed);
-                }
-                self.record_failure(set, claim_token, error).await
+        let attempt = match self
+            .send_to_tiki(Call::Refresh, &refresh_token, wait_limit)
+            .await
+        {
+            Ok(grant) => {
+                failpoint::block_if_set(failpoint::REFRESH_BEFORE_COMMIT).await;
+                self.commit_refresh(&set, claim_token, grant, sent_at).await
             }
+            Err(error @ TikiError::NotSent(_)) => {
+                // Nothing reached Tiki, so the token set stays as it was, and due.
+                debug!(app = %set.key.app, user_id = %set.key.user_id, %error, "refresh not sent");
+                self.store.release(&set.key, claim_token).await?;
+                return Ok(Attempt::Failed(set, error));
+            }
+            Err(error) => self.record_failure(set, claim_token, error).await,
         };
         let outcome = match &attempt {
             Ok(Attempt::Refreshed(_)) => "refreshed",
@@ -90,6 +83,16 @@ impl TokenManager {
         };
         telemetry::record_refresh(outcome, started.elapsed());
         attempt
+    }
+
+    /// Returns how long a refresh may wait under the request caps, so that the claim
+    /// still outlasts the request to Tiki and the commit after it.
+    fn send_wait_limit(&self, set: &TokenSet) -> std::time::Duration {
+        let Some(claim_until) = set.claim_until else {
+            return std::time::Duration::ZERO;
+        };
+        let send_by = claim_until - self.claim_wait - chrono_duration(COMMIT_MARGIN);
+        (send_by - Utc::now()).to_std().unwrap_or_default()
     }
 
     pub(super) fn new_claim(&self) -> Claim {
@@ -167,11 +170,18 @@ impl TokenManager {
             .policy
             .after_failure(&set, &error, now, rand::random::<f64>());
         match (error.class(), record.status) {
+            // The credentials alarm has logged this once for every token set.
             (FailureClass::CredentialsRejected, _) => {
-                error!(app = %key.app, user_id = %key.user_id, %error, "Tiki rejected tokend's client credentials; fix client_id and client_secret");
+                debug!(app = %key.app, user_id = %key.user_id, %error, "refresh not done; Tiki rejects tokend's client credentials");
+            }
+            (_, TokenStatus::ReauthRequired) if set.outcome_unknown => {
+                error!(app = %key.app, user_id = %key.user_id, %error, "refresh failed after an earlier attempt got no readable response; the user must consent again");
             }
             (_, TokenStatus::ReauthRequired) => {
                 warn!(app = %key.app, user_id = %key.user_id, %error, "refresh failed; the user must consent again");
+            }
+            (_, _) if record.next_refresh_at.is_none() => {
+                error!(app = %key.app, user_id = %key.user_id, %error, failure_count = record.failure_count, "refresh failed again with errors tokend does not recognise; scheduled refreshes of this token set stop");
             }
             _ => {
                 warn!(app = %key.app, user_id = %key.user_id, %error, failure_count = record.failure_count, next_refresh_at = %optional_time(record.next_refresh_at), "refresh failed; will retry");

@@ -13,12 +13,12 @@ use std::time::Duration;
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use super::{TokenError, TokenManager};
+use super::{TokenError, TokenManager, upstream::Call};
 use crate::{
     store::{CodeClaim, NewTokens, TokenSet, TokenSetKey, format_time},
-    tiki::{FailureClass, TikiError},
+    tiki::FailureClass,
 };
 
 /// How often a call waiting for another call's exchange of the same code polls.
@@ -115,17 +115,19 @@ impl TokenManager {
         key: &TokenSetKey,
         auth_code: &SecretString,
     ) -> Result<TokenSet, TokenError> {
+        if self.credentials_blocked(Utc::now()).is_some() {
+            return Err(TokenError::CredentialsRejected);
+        }
         let sent_at = Utc::now();
-        let response = self.tiki.exchange(auth_code).await;
-        crate::telemetry::record_upstream(response.as_ref().err().map(TikiError::class));
-        let grant = response.map_err(|error| {
+        let wait_limit = self.claim_wait.to_std().unwrap_or_default();
+        let sent = self
+            .send_to_tiki(Call::Exchange, auth_code, wait_limit)
+            .await;
+        let grant = sent.map_err(|error| {
             warn!(app = %key.app, user_id = %key.user_id, %error, "auth code exchange failed");
             match error.class() {
                 FailureClass::GrantRejected => TokenError::CodeRejected(error.to_string()),
-                FailureClass::CredentialsRejected => {
-                    error!(%error, "Tiki rejected tokend's client credentials; fix client_id and client_secret");
-                    TokenError::CredentialsRejected
-                }
+                FailureClass::CredentialsRejected => TokenError::CredentialsRejected,
                 FailureClass::Transient | FailureClass::OutcomeUnknown => {
                     TokenError::Unavailable(error.to_string())
                 }

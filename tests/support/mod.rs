@@ -115,6 +115,14 @@ pub struct Options {
     /// SQLite database, or one random key on PostgreSQL because it requires a key.
     pub encryption: Option<StorageEncryption>,
     pub exchange_retry_window: Duration,
+    /// Scheduled refreshes in flight at once.
+    pub refresh_concurrency: usize,
+    pub tiki_max_concurrent_requests: usize,
+    /// Requests to Tiki started per second; 0 for no limit.
+    pub tiki_requests_per_second: u32,
+    pub tiki_credentials_retry: Duration,
+    /// Where the daemon sends requests to Tiki, when not straight to the emulator.
+    pub tiki_graphql_url: Option<String>,
 }
 
 impl Default for Options {
@@ -127,6 +135,11 @@ impl Default for Options {
             access: AccessSettings::default(),
             encryption: None,
             exchange_retry_window: Duration::from_secs(600),
+            refresh_concurrency: 16,
+            tiki_max_concurrent_requests: 32,
+            tiki_requests_per_second: 0,
+            tiki_credentials_retry: Duration::from_secs(60),
+            tiki_graphql_url: None,
         }
     }
 }
@@ -185,6 +198,12 @@ impl TestEnv {
             options,
             _dir: dir,
         }
+    }
+
+    /// Stops the daemon and starts a new one with `options` on the same database.
+    pub async fn restart_with(&mut self, options: Options) {
+        self.options = options;
+        self.restart().await;
     }
 
     /// Stops the daemon, unless the test already did, and starts a new one on the same
@@ -284,6 +303,18 @@ impl TestEnv {
         (status, response.text().await.unwrap())
     }
 
+    /// Exchanges auth codes for `count` users named `{prefix}-{index}` and returns the
+    /// user ids.
+    pub async fn exchange_many(&mut self, prefix: &str, count: usize) -> Vec<String> {
+        let mut user_ids = Vec::with_capacity(count);
+        for index in 0..count {
+            let user_id = format!("{prefix}-{index}");
+            self.exchange(&user_id).await;
+            user_ids.push(user_id);
+        }
+        user_ids
+    }
+
     pub async fn token_set(&mut self, user_id: &str) -> proto::TokenSetInfo {
         self.client
             .get_token_set(proto::GetTokenSetRequest {
@@ -300,14 +331,17 @@ pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> S
     Settings {
         client_id: "sandbox-client".to_owned(),
         client_secret: SecretString::from("sandbox-secret"),
-        tiki_graphql_url: emulator.graphql_url(),
+        tiki_graphql_url: options
+            .tiki_graphql_url
+            .clone()
+            .unwrap_or_else(|| emulator.graphql_url()),
         database_url: database_url.to_owned(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         max_tick_age: options.max_tick_age,
         refresh_before: options.refresh_before,
         http_timeout: options.http_timeout,
-        refresh_concurrency: 16,
+        refresh_concurrency: options.refresh_concurrency,
         cache_capacity: 1000,
         shutdown_grace: Duration::from_secs(10),
         refresh_lease: options.http_timeout + Duration::from_secs(10),
@@ -318,6 +352,9 @@ pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> S
             .clone()
             .unwrap_or(StorageEncryption::KeyFileBesideDatabase),
         exchange_retry_window: options.exchange_retry_window,
+        tiki_max_concurrent_requests: options.tiki_max_concurrent_requests,
+        tiki_requests_per_second: options.tiki_requests_per_second,
+        tiki_credentials_retry: options.tiki_credentials_retry,
     }
 }
 
