@@ -19,8 +19,9 @@ use tracing::{debug, info, warn};
 
 use crate::{
     scheduler::SchedulerStats,
-    store::{StoreSummary, TokenStore},
+    store::{StoreSummary, TokenStore, format_time},
     telemetry,
+    tokens::TokenManager,
 };
 
 /// Bound on one store query made for a probe or a scrape, so that an unreachable
@@ -38,6 +39,9 @@ pub struct AdminState {
     pub max_tick_age: Duration,
     /// When the daemon started, used as the last pass time until the first pass.
     pub started_at: DateTime<Utc>,
+    /// The token manager, whose credentials alarm `/healthz` reports; `None` in tests
+    /// of the probes alone.
+    pub manager: Option<Arc<TokenManager>>,
     /// Whether the last readiness check failed, so that an outage logs once.
     not_ready: Arc<AtomicBool>,
 }
@@ -65,8 +69,15 @@ impl AdminState {
             shutdown,
             max_tick_age,
             started_at: Utc::now(),
+            manager: None,
             not_ready: Arc::default(),
         }
+    }
+
+    /// Reports `manager`'s credentials alarm on `/healthz`.
+    pub fn with_manager(mut self, manager: Arc<TokenManager>) -> Self {
+        self.manager = Some(manager);
+        self
     }
 
     /// Returns the time since the scheduler last started a pass, or since start before
@@ -103,7 +114,19 @@ pub async fn serve(
 async fn healthz(State(state): State<AdminState>) -> impl IntoResponse {
     let age = state.tick_age(Utc::now());
     if age <= state.max_tick_age {
-        (StatusCode::OK, "ok\n".to_owned())
+        // A restart cannot fix rejected credentials, so the alarm shows in the body
+        // and in the tokend_tiki_credentials_rejected gauge, and the check still passes.
+        let alarm = state.manager.as_ref().and_then(|manager| manager.credentials_alarm());
+        let body = match alarm {
+            Some(alarm) => format!(
+                "ok, but Tiki has rejected the client credentials since {}: {}; fix \
+                 client_id and client_secret\n",
+                format_time(alarm.since),
+                alarm.error
+            ),
+            None => "ok\n".to_owned(),
+        };
+        (StatusCode::OK, body)
     } else {
         warn!(
             tick_age = ?age,

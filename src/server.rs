@@ -131,7 +131,8 @@ impl Daemon {
             scheduler_stats.clone(),
             shutdown.clone(),
             settings.max_tick_age,
-        );
+        )
+        .with_manager(manager.clone());
         let admin_task = tokio::spawn(admin::serve(
             admin_listener,
             admin_state.clone(),

@@ -386,6 +386,9 @@ async fn rejected_credentials_raise_one_alarm(backend: Backend) {
     let alarm = env.daemon().manager().credentials_alarm().unwrap();
     assert!(alarm.error.contains("invalid_signature"), "{}", alarm.error);
     assert!(alarm.since <= chrono::Utc::now());
+    let (status, body) = env.admin_get("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("rejected the client credentials"), "{body}");
     for user_id in &user_ids {
         let status = status_of(&mut env, user_id).await;
         assert_ne!(status, proto::TokenStatus::ReauthRequired, "{user_id}");
@@ -403,6 +406,8 @@ async fn rejected_credentials_raise_one_alarm(backend: Backend) {
     )
     .await;
     assert!(env.daemon().manager().credentials_alarm().is_none());
+    let (status, body) = env.admin_get("/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
     for user_id in &user_ids {
         let token = env.access_token(user_id).await.unwrap().access_token;
         assert!(env.emulator.access_token_valid(&token), "{user_id}");
