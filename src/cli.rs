@@ -9,7 +9,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::settings::{DEFAULT_DATABASE_URL, DEFAULT_GRPC_ADDR};
+use crate::{
+    settings::{DEFAULT_DATABASE_URL, DEFAULT_GRPC_ADDR},
+    telemetry::LogFormat,
+};
 
 /// tokend keeps Tiki Tini App user tokens valid and serves them over gRPC.
 #[derive(Debug, Parser)]
@@ -131,8 +134,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Run against an in-process Tiki emulator with one-minute tokens, on a fresh
-    /// SQLite file tokend-sandbox.db, without real credentials. Only TOKEND_GRPC_ADDR
-    /// and TOKEND_LOG apply; the other settings are ignored.
+    /// SQLite file tokend-sandbox.db, without real credentials. Only TOKEND_GRPC_ADDR,
+    /// TOKEND_ADMIN_ADDR, TOKEND_LOG and TOKEND_LOG_FORMAT apply; the other settings
+    /// are ignored.
     #[arg(long)]
     pub sandbox: bool,
     /// Address of the sandbox's Tiki emulator.
@@ -153,6 +157,9 @@ pub struct ServeArgs {
         requires = "sandbox"
     )]
     pub token_lifetime: u64,
+    /// Log line format on stderr: text for people, json for one JSON object per line.
+    #[arg(long, value_enum, env = "TOKEND_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 /// Settings help shown under `tokend serve --help`.
@@ -164,6 +171,8 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_TIKI_GRAPHQL_URL     Tiki's generation-1 endpoint
   TOKEND_DATABASE_URL         sqlite://PATH (default sqlite://tokend.db) or postgres://...
   TOKEND_GRPC_ADDR            listen address (default 127.0.0.1:50051)
+  TOKEND_ADMIN_ADDR           HTTP address of /metrics, /healthz, /readyz (default 127.0.0.1:9090)
+  TOKEND_MAX_TICK_AGE         seconds without a scheduler pass before /healthz fails (default 60)
   TOKEND_REFRESH_BEFORE       seconds before expiry to refresh (default 300)
   TOKEND_HTTP_TIMEOUT         seconds per request to Tiki (default 10)
   TOKEND_REFRESH_CONCURRENCY  refreshes in flight at once (default 16)
@@ -177,6 +186,7 @@ Settings come from the --config file and from these environment variables, which
   TOKEND_API_KEYS_FILE        API keys file, one `ROLE sha256:HEX [NAME]` per line
   TOKEND_ALLOW_INSECURE_BIND  true to allow a non-loopback address without TLS or keys
   TOKEND_LOG                  log filter (default info)
+  TOKEND_LOG_FORMAT           log format, text or json (default text; same as --log-format)
 The config file uses the same names in lower case without TOKEND_, e.g. grpc_addr.
 Invalid settings exit with code 78 before any port is bound.";
 

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod admin;
 pub mod cli;
 pub mod emulator;
 pub mod grpc;
@@ -18,6 +19,8 @@ pub mod scheduler;
 pub mod server;
 pub mod settings;
 pub mod store;
+pub mod systemd;
+pub mod telemetry;
 pub mod tiki;
 pub mod tokens;
 

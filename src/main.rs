@@ -1,7 +1,7 @@
 //! The `tokend` binary: parses arguments, loads settings, starts logging and hands over
 //! to the library.
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{net::SocketAddr, process::ExitCode};
 
 use clap::Parser;
 use tokend::{
@@ -9,8 +9,8 @@ use tokend::{
     sandbox,
     server::Daemon,
     settings::{self, Settings},
+    systemd, telemetry,
 };
-use tracing_subscriber::EnvFilter;
 
 /// Exit code for invalid settings (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 78;
@@ -22,23 +22,27 @@ async fn main() -> ExitCode {
         return run_client(cli.command).await;
     };
 
-    init_logging();
+    telemetry::init_logging(args.log_format);
     if args.sandbox {
-        let grpc_addr = match std::env::var("TOKEND_GRPC_ADDR") {
-            Ok(addr) => match addr.parse() {
-                Ok(addr) => addr,
-                Err(_) => {
-                    eprintln!(
-                        "error: invalid setting grpc_addr: TOKEND_GRPC_ADDR={addr:?} is not an IP address and port such as 127.0.0.1:50051"
-                    );
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            },
-            Err(_) => tokend::settings::DEFAULT_GRPC_ADDR
-                .parse()
-                .expect("the default address is valid"),
+        let addrs = sandbox_addr("grpc_addr", settings::DEFAULT_GRPC_ADDR).and_then(|grpc| {
+            sandbox_addr("admin_addr", settings::DEFAULT_ADMIN_ADDR).map(|admin| (grpc, admin))
+        });
+        let (grpc_addr, admin_addr) = match addrs {
+            Ok(addrs) => addrs,
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
         };
-        return report(sandbox::run(grpc_addr, args.emulator_addr, args.token_lifetime).await);
+        return report(
+            sandbox::run(
+                grpc_addr,
+                admin_addr,
+                args.emulator_addr,
+                args.token_lifetime,
+            )
+            .await,
+        );
     }
 
     let settings = match Settings::load(args.config.as_deref()) {
@@ -52,32 +56,28 @@ async fn main() -> ExitCode {
         Ok(daemon) => daemon,
         Err(error) => return report(Err(error)),
     };
-    report(daemon.run_until_signal().await)
+    let notifier = systemd::spawn(
+        daemon.grpc_addr(),
+        daemon.admin_state().clone(),
+        daemon.shutdown_started(),
+    );
+    let result = daemon.run_until_signal().await;
+    if let Some(notifier) = notifier {
+        notifier.abort();
+    }
+    report(result)
 }
 
-/// Log filter used when TOKEND_LOG is unset; the cron crate's own start-up lines are
-/// noise at info level.
-const DEFAULT_LOG_FILTER: &str = "info,tokio_cron_scheduler=warn";
-
-fn init_logging() {
-    let (filter, invalid) = match std::env::var("TOKEND_LOG") {
-        Ok(text) => match EnvFilter::try_new(&text) {
-            Ok(filter) => (filter, None),
-            Err(error) => (EnvFilter::new(DEFAULT_LOG_FILTER), Some((text, error))),
-        },
-        Err(_) => (EnvFilter::new(DEFAULT_LOG_FILTER), None),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    if let Some((text, error)) = invalid {
-        tracing::warn!(filter = %text, %error, "TOKEND_LOG is invalid; logging at the default level");
-    }
-    for name in settings::unknown_variables() {
-        tracing::warn!(variable = %name, "unknown TOKEND_ variable ignored; check its spelling");
-    }
+/// Reads the address setting `key` from its environment variable for sandbox mode, which
+/// reads no other settings.
+fn sandbox_addr(key: &str, default: &str) -> Result<SocketAddr, String> {
+    let variable = settings::variable_name(key);
+    let text = std::env::var(&variable).unwrap_or_else(|_| default.to_owned());
+    text.parse().map_err(|_| {
+        format!(
+            "invalid setting {key}: {variable}={text:?} is not an IP address and port such as {default}"
+        )
+    })
 }
 
 /// Logs a fatal error once, through the logger that already writes to stderr.

@@ -25,6 +25,7 @@ pub const SANDBOX_EXPIRES_IN: u64 = 60;
 /// SIGTERM.
 pub async fn run(
     grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
     emulator_addr: SocketAddr,
     expires_in: u64,
 ) -> anyhow::Result<()> {
@@ -60,6 +61,8 @@ pub async fn run(
         tiki_graphql_url: String::new(),
         database_url: format!("sqlite://{SANDBOX_DATABASE}"),
         grpc_addr,
+        admin_addr,
+        max_tick_age: Duration::from_secs(60),
         refresh_before: Duration::from_secs(300),
         http_timeout: Duration::from_secs(10),
         refresh_concurrency: 16,

@@ -1,7 +1,8 @@
 //! Builds the daemon from its settings, serves gRPC and runs the scheduler, and shuts
 //! down in order: stop accepting calls and starting refreshes, let calls and refreshes
 //! in flight (scheduled, then on-demand ones whose caller left) finish within the grace
-//! period each, then close the database.
+//! period each, then close the database. The admin server responds throughout, with
+//! `/readyz` failing from the start of shutdown, and stops last.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,12 +16,14 @@ use tracing::{error, info, warn};
 
 use crate::{
     access::AuthLayer,
+    admin::{self, AdminState},
     grpc::{MAX_REQUEST_BYTES, TokenGrpcService},
     proto::{self, token_service_server::TokenServiceServer},
     refresh::RefreshPolicy,
     scheduler::{Scheduler, SchedulerStats},
     settings::Settings,
     store::{self, TokenStore},
+    telemetry,
     tiki::graphql::GraphqlClient,
     tokens::{ManagerSettings, TokenManager},
 };
@@ -39,15 +42,18 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Daemon {
     grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    admin_state: AdminState,
     shutdown: CancellationToken,
     scheduler_stats: Arc<SchedulerStats>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Daemon {
-    /// Binds the gRPC address, opens and migrates the database, and starts serving and
-    /// refreshing. Binding first means a taken port fails before anything is written.
-    /// Port 0 binds a free port, which [`Daemon::grpc_addr`] returns.
+    /// Binds the gRPC and admin addresses, opens and migrates the database, and starts
+    /// serving and refreshing. Binding first means a taken port fails before anything
+    /// is written. Port 0 binds a free port, which [`Daemon::grpc_addr`] and
+    /// [`Daemon::admin_addr`] return.
     pub async fn start(settings: &Settings) -> anyhow::Result<Daemon> {
         let listener = TcpListener::bind(settings.grpc_addr)
             .await
@@ -58,6 +64,17 @@ impl Daemon {
                 )
             })?;
         let grpc_addr = listener.local_addr()?;
+        let admin_listener = TcpListener::bind(settings.admin_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the admin address {} failed; set TOKEND_ADMIN_ADDR to a free address",
+                    settings.admin_addr
+                )
+            })?;
+        let admin_addr = admin_listener.local_addr()?;
+        telemetry::prometheus();
+        let started_at = chrono::Utc::now();
         let store = store::connect(&settings.database_url).await?;
         info!(database_url = %store::redact_url(&settings.database_url), "database ready");
 
@@ -98,6 +115,20 @@ impl Daemon {
             tokio::spawn(async move { manager.follow_store_events(shutdown).await })
         };
 
+        let admin_stop = CancellationToken::new();
+        let admin_state = AdminState {
+            store: store.clone(),
+            scheduler: scheduler_stats.clone(),
+            shutdown: shutdown.clone(),
+            max_tick_age: settings.max_tick_age,
+            started_at,
+        };
+        let admin_task = tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state.clone(),
+            admin_stop.clone(),
+        ));
+
         let token_service =
             TokenServiceServer::new(TokenGrpcService::new(manager.clone(), shutdown.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -110,7 +141,10 @@ impl Daemon {
                 .context("configuring TLS on the gRPC port failed")?;
         }
         log_access(settings, grpc_addr);
+        // The metrics layer sits outside the API key check, so rejected calls are
+        // counted with their status code too.
         let server = builder
+            .layer(telemetry::grpc::GrpcMetricsLayer)
             .layer(AuthLayer::new(settings.access.api_keys.clone()))
             .add_service(token_service)
             .add_service(health_service)
@@ -140,15 +174,24 @@ impl Daemon {
             {
                 warn!(timeout = ?CLOSE_TIMEOUT, "closing the database timed out; exiting anyway");
             }
+            admin_stop.cancel();
+            match admin_task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, "the admin server failed"),
+                Err(error) => warn!(%error, "the admin server panicked"),
+            }
             served.context("gRPC server failed")?;
             scheduled.context("refresh scheduler panicked")??;
             info!("tokend stopped");
             Ok(())
         });
         info!(%grpc_addr, replica_id = %settings.replica_id, "gRPC server listening");
+        info!(%admin_addr, "admin server listening on /metrics, /healthz and /readyz");
 
         Ok(Daemon {
             grpc_addr,
+            admin_addr,
+            admin_state,
             shutdown,
             scheduler_stats,
             task,
@@ -158,6 +201,23 @@ impl Daemon {
     /// Returns the address the gRPC server listens on.
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// Returns the address the admin HTTP server listens on.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Returns a token that is cancelled when shutdown begins. Cancelling it does not
+    /// shut the daemon down.
+    pub fn shutdown_started(&self) -> CancellationToken {
+        self.shutdown.child_token()
+    }
+
+    /// Returns the state the health checks read: the store, the scheduler's counters
+    /// and the limits.
+    pub fn admin_state(&self) -> &AdminState {
+        &self.admin_state
     }
 
     /// Counters of the refresh scheduler.

@@ -14,6 +14,7 @@ use crate::access::{ApiKeys, tls::TlsSettings};
 pub const DEFAULT_TIKI_GRAPHQL_URL: &str = "https://api.tiki.vn/tiniapp/api/graphql/query";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tokend.db";
 pub const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:50051";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
 
 /// Minimum excess of `refresh_lease` over `http_timeout`, for the commit.
 const MIN_LEASE_MARGIN: Duration = Duration::from_secs(10);
@@ -27,6 +28,11 @@ pub struct Settings {
     /// `sqlite://PATH`, `sqlite:PATH`, or a `postgres://` or `postgresql://` URL.
     pub database_url: String,
     pub grpc_addr: SocketAddr,
+    /// Listen address of the HTTP admin server (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_addr: SocketAddr,
+    /// Time since the scheduler's last pass after which `/healthz` fails and systemd
+    /// watchdog pings stop.
+    pub max_tick_age: Duration,
     /// How long before expiry a token set is refreshed.
     pub refresh_before: Duration,
     /// Bound on one request to Tiki, from connecting to the last byte of the response.
@@ -84,6 +90,8 @@ struct RawSettings {
     tiki_graphql_url: Option<String>,
     database_url: Option<String>,
     grpc_addr: Option<String>,
+    admin_addr: Option<String>,
+    max_tick_age: Option<u64>,
     refresh_before: Option<u64>,
     http_timeout: Option<u64>,
     refresh_concurrency: Option<u64>,
@@ -169,6 +177,9 @@ impl RawSettings {
         if let Some(value) = text("TOKEND_GRPC_ADDR") {
             self.grpc_addr = Some(value);
         }
+        if let Some(value) = text("TOKEND_ADMIN_ADDR") {
+            self.admin_addr = Some(value);
+        }
         if let Some(value) = text("TOKEND_REPLICA_ID") {
             self.replica_id = Some(value);
         }
@@ -216,6 +227,11 @@ impl RawSettings {
                 "refresh_lease",
                 "TOKEND_REFRESH_LEASE",
                 &mut self.refresh_lease,
+            ),
+            (
+                "max_tick_age",
+                "TOKEND_MAX_TICK_AGE",
+                &mut self.max_tick_age,
             ),
         ];
         for (key, name, field) in numbers {
@@ -268,6 +284,16 @@ impl RawSettings {
             self.allow_insecure_bind.unwrap_or(false),
         )?;
 
+        let admin_addr = socket_addr("admin_addr", self.admin_addr, DEFAULT_ADMIN_ADDR)?;
+        if admin_addr == grpc_addr && grpc_addr.port() != 0 {
+            return Err(SettingsError::Invalid {
+                key: "admin_addr",
+                message: format!(
+                    "{admin_addr} is also grpc_addr; give the admin server a port of its own"
+                ),
+            });
+        }
+
         let http_timeout = seconds("http_timeout", self.http_timeout, 10, 1, 300)?;
         let refresh_lease = seconds("refresh_lease", self.refresh_lease, 60, 1, 3600)?;
         if refresh_lease < http_timeout + MIN_LEASE_MARGIN {
@@ -300,6 +326,8 @@ impl RawSettings {
             tiki_graphql_url,
             database_url,
             grpc_addr,
+            admin_addr,
+            max_tick_age: seconds("max_tick_age", self.max_tick_age, 60, 2, 3600)?,
             refresh_before: seconds("refresh_before", self.refresh_before, 300, 1, 86_400)?,
             http_timeout,
             refresh_concurrency: bounded(
@@ -472,6 +500,18 @@ fn database_url(url: String) -> Result<String, SettingsError> {
     })
 }
 
+fn socket_addr(
+    key: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<SocketAddr, SettingsError> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    text.parse().map_err(|_| SettingsError::Invalid {
+        key,
+        message: format!("{text:?} is not an IP address and port such as {default}"),
+    })
+}
+
 /// Returns `HOST-PID`, which is unique among replicas on distinct hosts or processes.
 fn default_replica_id() -> String {
     let host = std::env::var("HOSTNAME")
@@ -496,6 +536,8 @@ pub const VARIABLES: &[&str] = &[
     "TOKEND_TIKI_GRAPHQL_URL",
     "TOKEND_DATABASE_URL",
     "TOKEND_GRPC_ADDR",
+    "TOKEND_ADMIN_ADDR",
+    "TOKEND_MAX_TICK_AGE",
     "TOKEND_REFRESH_BEFORE",
     "TOKEND_HTTP_TIMEOUT",
     "TOKEND_REFRESH_CONCURRENCY",
@@ -509,6 +551,7 @@ pub const VARIABLES: &[&str] = &[
     "TOKEND_API_KEYS_FILE",
     "TOKEND_ALLOW_INSECURE_BIND",
     "TOKEND_LOG",
+    "TOKEND_LOG_FORMAT",
 ];
 
 /// Environment variables that the client subcommands read; the daemon ignores them
@@ -597,6 +640,8 @@ mod tests {
         assert_eq!(settings.tiki_graphql_url, DEFAULT_TIKI_GRAPHQL_URL);
         assert_eq!(settings.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(settings.grpc_addr.to_string(), DEFAULT_GRPC_ADDR);
+        assert_eq!(settings.admin_addr.to_string(), DEFAULT_ADMIN_ADDR);
+        assert_eq!(settings.max_tick_age, Duration::from_secs(60));
         assert_eq!(settings.refresh_before, Duration::from_secs(300));
     }
 
@@ -655,6 +700,9 @@ mod tests {
             ("TOKEND_REFRESH_BEFORE", "soon", "refresh_before"),
             ("TOKEND_REFRESH_BEFORE", "0", "refresh_before"),
             ("TOKEND_GRPC_ADDR", "localhost", "grpc_addr"),
+            ("TOKEND_ADMIN_ADDR", "localhost:9090", "admin_addr"),
+            ("TOKEND_ADMIN_ADDR", "127.0.0.1:50051", "admin_addr"),
+            ("TOKEND_MAX_TICK_AGE", "1", "max_tick_age"),
             ("TOKEND_TIKI_GRAPHQL_URL", "ftp://x", "tiki_graphql_url"),
             ("TOKEND_DATABASE_URL", "mysql://x", "database_url"),
             ("TOKEND_DATABASE_URL", "sqlite::memory:", "database_url"),

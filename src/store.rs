@@ -147,6 +147,18 @@ pub struct FailureRecord {
     pub outcome_unknown: bool,
 }
 
+/// Counts and extremes of the token table, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreSummary {
+    pub active: u64,
+    pub refresh_failing: u64,
+    pub reauth_required: u64,
+    /// The earliest `expires_at` among token sets that are not `reauth_required`.
+    pub earliest_expiry: Option<DateTime<Utc>>,
+    /// The earliest `next_refresh_at`, whether due or not.
+    pub earliest_next_refresh: Option<DateTime<Utc>>,
+}
+
 /// A change another replica made to a token set, as the store reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {
@@ -267,6 +279,14 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Deletes a token set and reports whether it existed.
     async fn delete(&self, key: &TokenSetKey) -> Result<bool, StoreError>;
+
+    /// Checks that the database responds and that the token table exists, which it does
+    /// once the migrations ran.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Counts token sets by status and finds the earliest expiry and scheduled refresh.
+    /// Reads the whole table, so call it every few seconds at most.
+    async fn summary(&self) -> Result<StoreSummary, StoreError>;
 
     /// Starts reporting changes that other replicas make. Backends that serve a single
     /// process return `None`.

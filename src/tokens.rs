@@ -244,7 +244,9 @@ impl TokenManager {
     ) -> Result<TokenSet, TokenError> {
         let _guard = self.locks.lock(key).await;
         let sent_at = Utc::now();
-        let grant = self.tiki.exchange(auth_code).await.map_err(|error| {
+        let response = self.tiki.exchange(auth_code).await;
+        crate::telemetry::record_upstream(response.as_ref().err().map(TikiError::class));
+        let grant = response.map_err(|error| {
             warn!(app = %key.app, user_id = %key.user_id, %error, "auth code exchange failed");
             match error.class() {
                 FailureClass::GrantRejected => TokenError::CodeRejected(error.to_string()),

@@ -334,6 +334,7 @@ fn serve_command(dir: &std::path::Path, grpc_addr: &str) -> Command {
         .env("TOKEND_CLIENT_SECRET", "secret-not-printed")
         .env("TOKEND_TIKI_GRAPHQL_URL", "http://127.0.0.1:9/graphql")
         .env("TOKEND_GRPC_ADDR", grpc_addr)
+        .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null());
     command
 }

@@ -348,7 +348,10 @@ async fn import_then_refresh_and_serve(backend: Backend) {
     assert!((3_500_000..=3_600_000).contains(&lifetime), "{lifetime} ms");
 
     let served = env.access_token("alice").await.unwrap();
-    assert_eq!(served.access_token, grant.access_token.expose_secret());
+    assert!(
+        served.access_token == grant.access_token.expose_secret(),
+        "tokend did not serve the imported access token"
+    );
 
     // The imported refresh token works with Tiki.
     let refreshed = env
@@ -359,7 +362,10 @@ async fn import_then_refresh_and_serve(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_ne!(refreshed.access_token, grant.access_token.expose_secret());
+    assert!(
+        refreshed.access_token != grant.access_token.expose_secret(),
+        "the refresh returned the imported access token"
+    );
     assert!(env.emulator.access_token_valid(&refreshed.access_token));
     assert_eq!(env.emulator.stats().refreshes, 1);
 
@@ -373,7 +379,10 @@ async fn import_then_refresh_and_serve(backend: Backend) {
     assert_eq!(again.code(), Code::AlreadyExists);
     assert!(again.message().contains("replace_existing"));
     let current = env.access_token("alice").await.unwrap();
-    assert_eq!(current.access_token, refreshed.access_token);
+    assert!(
+        current.access_token == refreshed.access_token,
+        "the rejected import changed the stored token"
+    );
 
     let replacing = proto::ImportTokenSetRequest {
         replace_existing: true,
@@ -381,7 +390,10 @@ async fn import_then_refresh_and_serve(backend: Backend) {
     };
     env.client.import_token_set(replacing).await.unwrap();
     let replaced = env.access_token("alice").await.unwrap();
-    assert_eq!(replaced.access_token, other.access_token.expose_secret());
+    assert!(
+        replaced.access_token == other.access_token.expose_secret(),
+        "the replacing import was not stored"
+    );
 }
 
 async fn expired_import_refreshes_at_once(backend: Backend) {
@@ -399,7 +411,10 @@ async fn expired_import_refreshes_at_once(backend: Backend) {
     env.client.import_token_set(request).await.unwrap();
 
     let served = env.access_token("alice").await.unwrap();
-    assert_ne!(served.access_token, grant.access_token.expose_secret());
+    assert!(
+        served.access_token != grant.access_token.expose_secret(),
+        "the expired imported token was served"
+    );
     assert!(env.emulator.access_token_valid(&served.access_token));
     assert!(millis(&served.expires_at) > now_millis() + 3_000_000);
 }
@@ -445,7 +460,10 @@ async fn concurrent_refreshes_share_one(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    assert_ne!(later.access_token, tokens[0]);
+    assert!(
+        later.access_token != tokens[0],
+        "a call after the refresh finished returned the old token"
+    );
     assert_eq!(env.emulator.stats().refresh_requests, 2);
 }
 
@@ -469,7 +487,10 @@ async fn watch_follows_refreshes(backend: Backend) {
 
     let first = token_of(next_event(&mut stream, PROMPT).await.unwrap());
     let current = env.access_token("alice").await.unwrap();
-    assert_eq!(first.access_token, current.access_token);
+    assert!(
+        first.access_token == current.access_token,
+        "the watch's first token is not the current one"
+    );
 
     let refreshed = env
         .client
@@ -480,14 +501,23 @@ async fn watch_follows_refreshes(backend: Backend) {
         .unwrap()
         .into_inner();
     let second = token_of(next_event(&mut stream, PROMPT).await.unwrap());
-    assert_eq!(second.access_token, refreshed.access_token);
-    assert_ne!(second.access_token, first.access_token);
+    assert!(
+        second.access_token == refreshed.access_token,
+        "the watch did not send the refreshed token"
+    );
+    assert!(
+        second.access_token != first.access_token,
+        "the watch sent the old token again"
+    );
 
     // A new exchange is announced too.
     env.exchange("alice").await;
     let third = token_of(next_event(&mut stream, PROMPT).await.unwrap());
     let current = env.access_token("alice").await.unwrap();
-    assert_eq!(third.access_token, current.access_token);
+    assert!(
+        third.access_token == current.access_token,
+        "the watch did not send the exchanged token"
+    );
 
     env.client
         .delete_token_set(proto::DeleteTokenSetRequest {
@@ -515,7 +545,10 @@ async fn watch_sees_scheduled_refresh(backend: Backend) {
             .await
             .unwrap(),
     );
-    assert_ne!(second.access_token, first.access_token);
+    assert!(
+        second.access_token != first.access_token,
+        "the watch sent the old token again"
+    );
     assert!(env.emulator.access_token_valid(&second.access_token));
     assert!(env.emulator.stats().refreshes >= 1);
 }
@@ -577,6 +610,77 @@ async fn watch_of_unknown_user_is_not_found(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+}
+
+/// Two replicas on one PostgreSQL database: concurrent RefreshAccessToken calls on both
+/// cause one refresh, and a watch on one replica sees the other's refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_share_refreshes_and_watches() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let mut env = TestEnv::start_on(&backend, Options::default()).await;
+    let (second, second_client) = env.start_replica("second").await;
+    env.exchange("alice").await;
+    let mut stream = watch(&mut env, "alice").await;
+    let first = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+
+    env.emulator
+        .inject(Fault::DelayBefore(Duration::from_millis(1500)), Some(1));
+    let calls: Vec<_> = (0..8)
+        .map(|index| {
+            let mut client = if index % 2 == 0 {
+                env.client.clone()
+            } else {
+                second_client.clone()
+            };
+            tokio::spawn(async move {
+                client
+                    .refresh_access_token(proto::RefreshAccessTokenRequest {
+                        user_id: "alice".to_owned(),
+                    })
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for call in calls {
+        tokens.push(call.await.unwrap().unwrap().access_token);
+    }
+    assert_eq!(env.emulator.stats().refresh_requests, 1);
+    assert!(
+        tokens.iter().all(|token| *token == tokens[0]),
+        "replicas returned different tokens"
+    );
+    let watched = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+    assert!(
+        watched.access_token == tokens[0],
+        "the watch did not send the shared refresh's token"
+    );
+    assert!(
+        watched.access_token != first.access_token,
+        "the watch sent the old token again"
+    );
+
+    // A refresh on the second replica alone reaches the watch on the first.
+    let mut client = second_client.clone();
+    let refreshed = client
+        .refresh_access_token(proto::RefreshAccessTokenRequest {
+            user_id: "alice".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let watched = token_of(next_event(&mut stream, PROMPT).await.unwrap());
+    assert!(
+        watched.access_token == refreshed.access_token,
+        "the watch did not send the second replica's token"
+    );
+    assert_eq!(env.emulator.stats().refresh_requests, 2);
+
+    drop(stream);
+    second.shutdown().await.unwrap();
 }
 
 backend_tests! {

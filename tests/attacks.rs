@@ -58,6 +58,8 @@ fn daemon_settings(emulator: &Emulator, database: &Path) -> Settings {
         tiki_graphql_url: emulator.graphql_url(),
         database_url: format!("sqlite://{}", database.display()),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        max_tick_age: Duration::from_secs(60),
         refresh_before: Duration::from_secs(1),
         http_timeout: Duration::from_secs(5),
         refresh_concurrency: 16,

@@ -16,8 +16,8 @@ use tokend::{
     emulator::{Emulator, EmulatorConfig, Fault},
     refresh::RefreshPolicy,
     store::{
-        Claim, FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStatus,
-        TokenStore, sqlite::SqliteStore,
+        Claim, FailureRecord, NewTokens, StoreError, StoreSummary, TokenSet, TokenSetKey,
+        TokenStatus, TokenStore, sqlite::SqliteStore,
     },
     tiki::graphql::GraphqlClient,
     tokens::{ManagerSettings, TokenManager},
@@ -115,6 +115,14 @@ impl TokenStore for CountingStore {
 
     async fn delete(&self, key: &TokenSetKey) -> Result<bool, StoreError> {
         self.inner.delete(key).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
+    async fn summary(&self) -> Result<StoreSummary, StoreError> {
+        self.inner.summary().await
     }
 
     async fn close(&self) {

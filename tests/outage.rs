@@ -5,77 +5,11 @@
 
 mod support;
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::atomic::Ordering, time::Duration};
 
-use support::{Backend, Options, TestEnv, millis, now_millis, wait_until};
+use support::{Backend, Options, TestEnv, millis, now_millis, proxy::Proxy, wait_until};
 use tokend::proto;
-use tokio::{
-    io::copy_bidirectional,
-    net::{TcpListener, TcpStream},
-    sync::watch,
-};
 use tonic::Code;
-
-/// Forwards loopback connections to `upstream` until cut. Cutting closes every open
-/// connection and refuses new ones until restored.
-struct Proxy {
-    addr: SocketAddr,
-    open: Arc<AtomicBool>,
-    generation: watch::Sender<u64>,
-    accepted: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let open = Arc::new(AtomicBool::new(true));
-        let (generation, _) = watch::channel(0);
-        let accepted = Arc::new(AtomicU64::new(0));
-        let proxy = Proxy {
-            addr,
-            open: open.clone(),
-            generation: generation.clone(),
-            accepted: accepted.clone(),
-        };
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !open.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                accepted.fetch_add(1, Ordering::SeqCst);
-                let mut cut = generation.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        proxy
-    }
-
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.generation.send_modify(|generation| *generation += 1);
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_outage_serves_cached_tokens() {

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use support::Backend;
-use tokend::store::{self, Claim, FailureRecord, NewTokens, TokenSetKey, TokenStatus, TokenStore};
+use tokend::store::{
+    self, Claim, FailureRecord, NewTokens, StoreSummary, TokenSetKey, TokenStatus, TokenStore,
+};
 
 struct Fixture {
     store: Arc<dyn TokenStore>,
@@ -334,7 +336,70 @@ async fn list_pages_by_user_and_status(backend: Backend) {
     assert_eq!(user_ids(&active_or_reauth), ["alice", "carol", "erin"]);
 }
 
+async fn summary_counts_statuses_and_extremes(backend: Backend) {
+    let fixture = open(&backend).await;
+    let store = fixture.store.as_ref();
+    store.ping().await.unwrap();
+    assert_eq!(store.summary().await.unwrap(), StoreSummary::default());
+
+    let now = Utc::now();
+    insert(store, "alice", now - Duration::seconds(10)).await;
+    insert(store, "bob", now + Duration::hours(1)).await;
+    insert(store, "carol", now + Duration::hours(2)).await;
+    let outcomes = [
+        ("bob", TokenStatus::ReauthRequired, None),
+        (
+            "carol",
+            TokenStatus::RefreshFailing,
+            Some(now + Duration::seconds(30)),
+        ),
+    ];
+    for (token, (user_id, status, next_refresh_at)) in (1..).zip(outcomes) {
+        let key = TokenSetKey::new(user_id);
+        store
+            .claim(
+                &key,
+                &claim("replica-a", token, now + Duration::seconds(30)),
+                now,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let record = FailureRecord {
+            status,
+            next_refresh_at,
+            ..failure()
+        };
+        store
+            .store_failure(&key, token, &record, "replica-a", now)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    let summary = store.summary().await.unwrap();
+    assert_eq!(summary.active, 1);
+    assert_eq!(summary.refresh_failing, 1);
+    assert_eq!(summary.reauth_required, 1);
+    let alice = store
+        .get(&TokenSetKey::new("alice"))
+        .await
+        .unwrap()
+        .unwrap();
+    let carol = store
+        .get(&TokenSetKey::new("carol"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        summary.earliest_expiry,
+        Some(alice.expires_at.min(carol.expires_at))
+    );
+    assert_eq!(summary.earliest_next_refresh, alice.next_refresh_at);
+}
+
 backend_tests! {
+    summary_counts_statuses_and_extremes,
     claims_exclude_each_other,
     writes_are_fenced_by_the_claim,
     due_sets_claimed_in_order,

@@ -22,8 +22,8 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, warn};
 
 use super::{
-    Claim, FailureRecord, NewTokens, StoreError, StoreEvent, TokenSet, TokenSetKey, TokenStatus,
-    TokenStore,
+    Claim, FailureRecord, NewTokens, StoreError, StoreEvent, StoreSummary, TokenSet, TokenSetKey,
+    TokenStatus, TokenStore,
 };
 
 /// Enough for the default 16 refreshes in flight plus gRPC reads and the listener.
@@ -348,6 +348,24 @@ impl TokenStore for PostgresStore {
         Some(receiver)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1 FROM token_sets LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn summary(&self) -> Result<StoreSummary, StoreError> {
+        let row = sqlx::query(SUMMARY).fetch_one(&self.pool).await?;
+        Ok(StoreSummary {
+            active: count(row.try_get(0)?),
+            refresh_failing: count(row.try_get(1)?),
+            reauth_required: count(row.try_get(2)?),
+            earliest_expiry: row.try_get(3)?,
+            earliest_next_refresh: row.try_get(4)?,
+        })
+    }
+
     async fn close(&self) {
         for listener in self.lock_listeners().drain(..) {
             listener.abort();
@@ -435,6 +453,18 @@ async fn start_listener(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(CHANNEL).await?;
     Ok(listener)
+}
+
+/// Counts token sets by status and finds the earliest expiry and scheduled refresh.
+const SUMMARY: &str = "SELECT \
+             (SELECT COUNT(*) FROM token_sets WHERE status = 'active'), \
+             (SELECT COUNT(*) FROM token_sets WHERE status = 'refresh_failing'), \
+             (SELECT COUNT(*) FROM token_sets WHERE status = 'reauth_required'), \
+             (SELECT MIN(expires_at) FROM token_sets WHERE status <> 'reauth_required'), \
+             (SELECT MIN(next_refresh_at) FROM token_sets)";
+
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
 }
 
 fn lifetime_column(seconds: u64) -> i64 {

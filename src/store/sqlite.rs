@@ -23,8 +23,8 @@ use sqlx::{
 };
 
 use super::{
-    Claim, FailureRecord, NewTokens, StoreError, TokenSet, TokenSetKey, TokenStatus, TokenStore,
-    format_time,
+    Claim, FailureRecord, NewTokens, StoreError, StoreSummary, TokenSet, TokenSetKey, TokenStatus,
+    TokenStore, format_time,
 };
 
 /// How long a statement waits for another connection's write lock before failing.
@@ -347,6 +347,32 @@ impl TokenStore for SqliteStore {
         Ok(result.rows_affected() > 0)
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1 FROM token_sets LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn summary(&self) -> Result<StoreSummary, StoreError> {
+        let row = sqlx::query(SUMMARY).fetch_one(&self.pool).await?;
+        let time = |index: usize| -> Result<Option<DateTime<Utc>>, StoreError> {
+            let text: Option<String> = row.try_get(index)?;
+            text.map(|text| {
+                parse_time(&text)
+                    .map_err(|detail| StoreError::Query(sqlx::Error::Decode(detail.into())))
+            })
+            .transpose()
+        };
+        Ok(StoreSummary {
+            active: count(row.try_get(0)?),
+            refresh_failing: count(row.try_get(1)?),
+            reauth_required: count(row.try_get(2)?),
+            earliest_expiry: time(3)?,
+            earliest_next_refresh: time(4)?,
+        })
+    }
+
     async fn close(&self) {
         self.pool.close().await;
         let lock = self
@@ -386,6 +412,18 @@ pub fn lock_database(database: &Path) -> Result<File, StoreError> {
             reason: source.to_string(),
         }),
     }
+}
+
+/// Counts token sets by status and finds the earliest expiry and scheduled refresh.
+const SUMMARY: &str = "SELECT \
+             (SELECT COUNT(*) FROM token_sets WHERE status = 'active'), \
+             (SELECT COUNT(*) FROM token_sets WHERE status = 'refresh_failing'), \
+             (SELECT COUNT(*) FROM token_sets WHERE status = 'reauth_required'), \
+             (SELECT MIN(expires_at) FROM token_sets WHERE status <> 'reauth_required'), \
+             (SELECT MIN(next_refresh_at) FROM token_sets)";
+
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
 }
 
 fn lifetime_column(seconds: u64) -> i64 {

@@ -14,6 +14,7 @@ use super::{
 use crate::{
     refresh::chrono_duration,
     store::{Claim, NewTokens, TokenSet, TokenStatus, format_time},
+    telemetry,
     tiki::{FailureClass, Grant, TikiError},
 };
 
@@ -65,8 +66,11 @@ impl TokenManager {
             ));
         };
         self.cache.remove(&set.key);
+        let started = std::time::Instant::now();
         let sent_at = Utc::now();
-        match self.tiki.refresh(&refresh_token).await {
+        let response = self.tiki.refresh(&refresh_token).await;
+        telemetry::record_upstream(response.as_ref().err().map(TikiError::class));
+        let attempt = match response {
             Ok(grant) => self.commit_refresh(&set, claim_token, grant, sent_at).await,
             Err(error) => {
                 // Only a rejection Tiki returned starts the pause; failures recorded
@@ -78,7 +82,14 @@ impl TokenManager {
                 }
                 self.record_failure(set, claim_token, error).await
             }
-        }
+        };
+        let outcome = match &attempt {
+            Ok(Attempt::Refreshed(_)) => "refreshed",
+            Ok(Attempt::Failed(_, error)) => telemetry::failure_label(error.class()),
+            Err(_) => "store_error",
+        };
+        telemetry::record_refresh(outcome, started.elapsed());
+        attempt
     }
 
     pub(super) fn new_claim(&self) -> Claim {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pki;
+pub mod proxy;
 
 use std::{
     future::Future,
@@ -104,6 +105,8 @@ pub struct Options {
     pub expires_in: u64,
     pub refresh_before: Duration,
     pub http_timeout: Duration,
+    /// Scheduler pass age after which `/healthz` fails.
+    pub max_tick_age: Duration,
     /// TLS and API keys on the gRPC port; the client the harness builds speaks plain
     /// HTTP/2 without a key, so tests that set this build their own.
     pub access: AccessSettings,
@@ -115,6 +118,7 @@ impl Default for Options {
             expires_in: 3600,
             refresh_before: Duration::from_secs(300),
             http_timeout: Duration::from_secs(5),
+            max_tick_age: Duration::from_secs(60),
             access: AccessSettings::default(),
         }
     }
@@ -236,6 +240,26 @@ impl TestEnv {
         .await;
     }
 
+    /// Starts a second daemon named `replica_id` on the same database and emulator, and
+    /// returns it with a client. Only PostgreSQL allows this.
+    pub async fn start_replica(&self, replica_id: &str) -> (Daemon, Client) {
+        let settings = Settings {
+            replica_id: replica_id.to_owned(),
+            ..settings(&self.emulator, &self.database_url, &self.options)
+        };
+        let daemon = Daemon::start(&settings).await.unwrap();
+        let client = connect(&daemon).await;
+        (daemon, client)
+    }
+
+    /// Sends a GET to the admin server and returns the status code and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.daemon().admin_addr());
+        let response = reqwest::get(&url).await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap())
+    }
+
     pub async fn token_set(&mut self, user_id: &str) -> proto::TokenSetInfo {
         self.client
             .get_token_set(proto::GetTokenSetRequest {
@@ -255,6 +279,8 @@ pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> S
         tiki_graphql_url: emulator.graphql_url(),
         database_url: database_url.to_owned(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        max_tick_age: options.max_tick_age,
         refresh_before: options.refresh_before,
         http_timeout: options.http_timeout,
         refresh_concurrency: 16,
