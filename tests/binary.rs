@@ -101,6 +101,7 @@ async fn serves_against_configured_tiki_and_stops_on_sigterm() {
         .env("TOKEND_CLIENT_SECRET", "real-secret")
         .env("TOKEND_TIKI_GRAPHQL_URL", emulator.graphql_url())
         .env("TOKEND_GRPC_ADDR", "127.0.0.1:0")
+        .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
         .env("TOKEND_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()

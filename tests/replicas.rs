@@ -385,6 +385,7 @@ fn spawn_replica(index: usize, graphql_url: &str, database_url: &str) -> (Child,
         .env("TOKEND_TIKI_GRAPHQL_URL", graphql_url)
         .env("TOKEND_DATABASE_URL", database_url)
         .env("TOKEND_GRPC_ADDR", "127.0.0.1:0")
+        .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
         .env("TOKEND_REPLICA_ID", &id)
         .env("TOKEND_HTTP_TIMEOUT", HTTP_TIMEOUT_SECONDS.to_string())
         .env("TOKEND_REFRESH_LEASE", REFRESH_LEASE_SECONDS.to_string())
