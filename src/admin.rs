@@ -116,7 +116,10 @@ async fn healthz(State(state): State<AdminState>) -> impl IntoResponse {
     if age <= state.max_tick_age {
         // A restart cannot fix rejected credentials, so the alarm shows in the body
         // and in the tokend_tiki_credentials_rejected gauge, and the check still passes.
-        let alarm = state.manager.as_ref().and_then(|manager| manager.credentials_alarm());
+        let alarm = state
+            .manager
+            .as_ref()
+            .and_then(|manager| manager.credentials_alarm());
         let body = match alarm {
             Some(alarm) => format!(
                 "ok, but Tiki has rejected the client credentials since {}: {}; fix \

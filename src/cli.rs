@@ -161,10 +161,6 @@ pub struct ServeArgs {
         requires = "sandbox"
     )]
     pub emulator_addr: std::net::SocketAddr,
-    /// Log line format on stderr: text for people, json for one JSON object per line.
-    #[arg(long, value_enum, env = "TOKEND_LOG_FORMAT", default_value = "text")]
-    pub log_format: LogFormat,
-
     /// Lifetime of the sandbox's access tokens, in seconds. tokend refreshes them
     /// halfway through, so a short lifetime shows refreshes quickly.
     #[arg(
@@ -175,6 +171,9 @@ pub struct ServeArgs {
         requires = "sandbox"
     )]
     pub token_lifetime: u64,
+    /// Log line format on stderr: text for people, json for one JSON object per line.
+    #[arg(long, value_enum, env = "TOKEND_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 /// Settings help shown under `tokend serve --help`.

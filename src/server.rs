@@ -151,6 +151,8 @@ impl Daemon {
                 .context("configuring TLS on the gRPC port failed")?;
         }
         log_access(settings, grpc_addr);
+        // The metrics layer sits outside the API key check, so rejected calls are
+        // counted with their status code too.
         let server = builder
             .layer(telemetry::grpc::GrpcMetricsLayer)
             .layer(AuthLayer::new(settings.access.api_keys.clone()))

@@ -272,6 +272,21 @@ async fn api_keys_grant_their_roles(backend: Backend) {
         .await
         .unwrap();
 
+    // Rejected calls are counted like any other, with their status code.
+    let metrics_url = format!("http://{}/metrics", running.daemon.admin_addr());
+    let metrics = reqwest::get(metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = metrics.lines().any(|line| {
+        line.starts_with("tokend_grpc_requests_total")
+            && line.contains("method=\"DeleteTokenSet\"")
+            && line.contains("code=\"PERMISSION_DENIED\"")
+    });
+    assert!(counted, "no rejected DeleteTokenSet in the metrics");
+
     running.daemon.shutdown().await.unwrap();
     drop(running.dir);
 }
@@ -335,6 +350,7 @@ fn serve_command(dir: &std::path::Path, grpc_addr: &str) -> Command {
         .env("TOKEND_CLIENT_SECRET", "secret-not-printed")
         .env("TOKEND_TIKI_GRAPHQL_URL", "http://127.0.0.1:9/graphql")
         .env("TOKEND_GRPC_ADDR", grpc_addr)
+        .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null());
     command
 }

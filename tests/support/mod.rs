@@ -108,8 +108,8 @@ pub struct Options {
     pub http_timeout: Duration,
     /// Scheduler pass age after which `/healthz` fails.
     pub max_tick_age: Duration,
-    /// TLS and API keys on the gRPC port; the client the harness builds speaks plain
-    /// HTTP/2 without a key, so tests that set this build their own.
+    /// TLS and API keys on the gRPC port. The harness's own client speaks plain HTTP/2
+    /// without a key, so tests that set this build their own client.
     pub access: AccessSettings,
     /// The token encryption. `None` picks a default at start: the key file beside a
     /// SQLite database, or one random key on PostgreSQL because it requires a key.
