@@ -23,6 +23,9 @@ const BINARY: &str = env!("CARGO_BIN_EXE_tokend");
 
 backend_tests!(kill_before_commit_ends_in_reauth);
 
+/// A test key (base64 of 32 bytes of `*`); the SQLite runs use it too.
+const ENCRYPTION_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
+
 /// A running daemon process with its stderr lines and gRPC client.
 struct Process {
     child: Child,
@@ -43,6 +46,9 @@ async fn start(emulator: &Emulator, database_url: &str, failpoint: Option<&str>)
         .env("TOKEND_TIKI_GRAPHQL_URL", emulator.graphql_url())
         .env("TOKEND_DATABASE_URL", database_url)
         .env("TOKEND_GRPC_ADDR", "127.0.0.1:0")
+        .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
+        // PostgreSQL requires a key; both starts of one test must use the same one.
+        .env("TOKEND_ENCRYPTION_KEY", ENCRYPTION_KEY)
         .env("TOKEND_REFRESH_BEFORE", "2")
         .env("TOKEND_HTTP_TIMEOUT", "1")
         .env("TOKEND_REFRESH_LEASE", "11")

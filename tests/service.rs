@@ -246,6 +246,7 @@ async fn systemd_not_ready_when_start_fails() {
             "TOKEND_DATABASE_URL",
             "postgres://tokend@127.0.0.1:1/tokend",
         )
+        .env("TOKEND_ALLOW_PLAINTEXT_STORAGE", "true")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));

@@ -145,6 +145,18 @@ impl Default for Options {
 }
 
 /// Returns a keyring of one random key.
+/// Returns the encryption a test daemon gets when its options name none: the key file
+/// beside a SQLite database, or a new random key on PostgreSQL, which requires a key.
+/// Each call draws another key, so a test that restarts on PostgreSQL sets
+/// `Options::encryption` itself, as [`TestEnv::start_on`] does.
+pub fn default_encryption(database_url: &str) -> StorageEncryption {
+    if database_url.starts_with("postgres") {
+        StorageEncryption::Keys(std::sync::Arc::new(random_keyring()))
+    } else {
+        StorageEncryption::KeyFileBesideDatabase
+    }
+}
+
 pub fn random_keyring() -> Keyring {
     Keyring::new(vec![EncryptionKey::generate().0]).unwrap()
 }
@@ -201,7 +213,11 @@ impl TestEnv {
     }
 
     /// Stops the daemon and starts a new one with `options` on the same database.
-    pub async fn restart_with(&mut self, options: Options) {
+    /// The daemon keeps its encryption keys unless `options` names others.
+    pub async fn restart_with(&mut self, mut options: Options) {
+        if options.encryption.is_none() {
+            options.encryption = self.options.encryption.clone();
+        }
         self.options = options;
         self.restart().await;
     }
@@ -350,7 +366,7 @@ pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> S
         encryption: options
             .encryption
             .clone()
-            .unwrap_or(StorageEncryption::KeyFileBesideDatabase),
+            .unwrap_or_else(|| default_encryption(database_url)),
         exchange_retry_window: options.exchange_retry_window,
         tiki_max_concurrent_requests: options.tiki_max_concurrent_requests,
         tiki_requests_per_second: options.tiki_requests_per_second,
