@@ -350,11 +350,21 @@ pub fn settings(emulator: &Emulator, database_url: &str, options: &Options) -> S
         encryption: options
             .encryption
             .clone()
-            .unwrap_or(StorageEncryption::KeyFileBesideDatabase),
+            .unwrap_or_else(|| default_encryption(database_url)),
         exchange_retry_window: options.exchange_retry_window,
         tiki_max_concurrent_requests: options.tiki_max_concurrent_requests,
         tiki_requests_per_second: options.tiki_requests_per_second,
         tiki_credentials_retry: options.tiki_credentials_retry,
+    }
+}
+
+/// Returns the encryption a test gets unless it chooses one: the key file beside a
+/// SQLite database, or a random key on PostgreSQL, which has no file to put it beside.
+fn default_encryption(database_url: &str) -> StorageEncryption {
+    if database_url.starts_with("postgres") {
+        StorageEncryption::Keys(std::sync::Arc::new(random_keyring()))
+    } else {
+        StorageEncryption::KeyFileBesideDatabase
     }
 }
 
