@@ -30,6 +30,9 @@ struct Process {
     client: TokenServiceClient<Channel>,
 }
 
+/// A fixed test key: base64 of 32 bytes.
+const ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
 /// Starts the binary against `emulator` on `database_url`, with six-second tokens
 /// refreshed 2 s before expiry and an 11 s claim lease.
 async fn start(emulator: &Emulator, database_url: &str, failpoint: Option<&str>) -> Process {
@@ -43,6 +46,9 @@ async fn start(emulator: &Emulator, database_url: &str, failpoint: Option<&str>)
         .env("TOKEND_TIKI_GRAPHQL_URL", emulator.graphql_url())
         .env("TOKEND_DATABASE_URL", database_url)
         .env("TOKEND_GRPC_ADDR", "127.0.0.1:0")
+        .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
+        // PostgreSQL needs a key; SQLite takes this one instead of a key file.
+        .env("TOKEND_ENCRYPTION_KEY", ENCRYPTION_KEY)
         .env("TOKEND_REFRESH_BEFORE", "2")
         .env("TOKEND_HTTP_TIMEOUT", "1")
         .env("TOKEND_REFRESH_LEASE", "11")
