@@ -31,8 +31,9 @@ pub enum Command {
     Exchange {
         #[command(flatten)]
         target: Target,
-        /// The auth code from my.getAuthCode.
-        #[arg(long)]
+        /// The auth code from my.getAuthCode. Codes may start with `-`, so the value is
+        /// taken as it is.
+        #[arg(long, allow_hyphen_values = true)]
         auth_code: String,
     },
     /// Print a user's current access token.

@@ -141,6 +141,13 @@ async fn subcommands_use_tls_and_keys(backend: Backend) {
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("status:          active"));
 
+    // Auth codes are base64url and may start with `-`, which must not read as an option.
+    let code = format!("-{code}");
+    let args = ["exchange", "--user-id", "dave", "--auth-code", &code];
+    let output = run(secured.command(admin), &args).await;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("FailedPrecondition"));
+
     let output = run(secured.command(None), &["token", "--user-id", "dave"]).await;
     assert_eq!(output.status.code(), Some(1));
     assert!(text(&output.stderr).contains("Unauthenticated"));

@@ -23,15 +23,15 @@ const BINARY: &str = env!("CARGO_BIN_EXE_tokend");
 
 backend_tests!(kill_before_commit_ends_in_reauth);
 
-/// A test key (base64 of 32 bytes of `*`); the SQLite runs use it too.
-const ENCRYPTION_KEY: &str = "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=";
-
 /// A running daemon process with its stderr lines and gRPC client.
 struct Process {
     child: Child,
     lines: mpsc::Receiver<String>,
     client: TokenServiceClient<Channel>,
 }
+
+/// A fixed test key: base64 of 32 bytes.
+const ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// Starts the binary against `emulator` on `database_url`, with six-second tokens
 /// refreshed 2 s before expiry and an 11 s claim lease.
@@ -47,7 +47,7 @@ async fn start(emulator: &Emulator, database_url: &str, failpoint: Option<&str>)
         .env("TOKEND_DATABASE_URL", database_url)
         .env("TOKEND_GRPC_ADDR", "127.0.0.1:0")
         .env("TOKEND_ADMIN_ADDR", "127.0.0.1:0")
-        // PostgreSQL requires a key; both starts of one test must use the same one.
+        // PostgreSQL needs a key; SQLite takes this one instead of a key file.
         .env("TOKEND_ENCRYPTION_KEY", ENCRYPTION_KEY)
         .env("TOKEND_REFRESH_BEFORE", "2")
         .env("TOKEND_HTTP_TIMEOUT", "1")

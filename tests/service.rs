@@ -246,6 +246,7 @@ async fn systemd_not_ready_when_start_fails() {
             "TOKEND_DATABASE_URL",
             "postgres://tokend@127.0.0.1:1/tokend",
         )
+        // Without a key PostgreSQL fails the settings check before the database is tried.
         .env("TOKEND_ALLOW_PLAINTEXT_STORAGE", "true")
         .output()
         .unwrap();
