@@ -26,8 +26,10 @@ use crate::{
 };
 
 /// Maximum size of a request message, in bytes. The largest valid request, an import
-/// with the longest tokens and every scope, is about 26 KiB.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// with the longest tokens and every scope, is about 26 KiB. Requests up to this size
+/// are decoded so that an over-long field gets INVALID_ARGUMENT naming it; larger ones
+/// get OUT_OF_RANGE from tonic before any decoding.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 /// The gRPC face of the token manager.
 #[derive(Debug, Clone)]
