@@ -117,7 +117,7 @@ async fn health_follows_lifecycle(backend: Backend) {
     let unknown = health_status(channel.clone(), "no.such.Service").await;
     assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
 
-    // A watch opened before shutdown sees the status change during the drain.
+    // A watch opened before shutdown receives the status change during the drain.
     let request = HealthCheckRequest {
         service: "tokend.v1.TokenService".to_owned(),
     };

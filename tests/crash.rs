@@ -1,6 +1,6 @@
 //! The `tokend` binary killed with SIGKILL between Tiki's response to a refresh and the
 //! commit of the new tokens, then started again on the same database. A debug-build
-//! failpoint (`TOKEND_TEST_FAILPOINT`) holds the process at exactly that step.
+//! failpoint (`TOKEND_TEST_FAILPOINT`) stops the process at exactly that step.
 
 mod support;
 

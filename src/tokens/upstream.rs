@@ -1,4 +1,4 @@
-//! How the token manager talks to Tiki. Every request passes the request gate, and
+//! The token manager's requests to Tiki. Every request passes the request gate, and
 //! every response updates the state that spans token sets: the `Retry-After` pause
 //! after HTTP 429 and the credentials alarm after Tiki rejected tokend's client id or
 //! signature. Health checks read the alarm through [`TokenManager::credentials_alarm`].
